@@ -1,0 +1,131 @@
+"""Command line: `swarm-node run`, `swarm-node swarm`, `swarm-node config-doc`.
+
+Flags are generated from the config tree (one flag per setting, same name as the field), and heavy
+libraries (torch, transformers, hivemind) are imported only after the arguments are parsed, so `--help`
+is instant. Operator mistakes print one `error:` line with the fix and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import typing
+from typing import Any
+
+from swarm_node.config import leaf_fields, load_config
+from swarm_node.errors import OperatorError
+
+EXIT_OPERATOR_ERROR = 2
+SWARM_ONLY = {"output_dir", "rounds", "linger_s", "initial_peers", "identity_path", "host_maddrs", "announce_maddrs"}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    for name, (section, info) in leaf_fields().items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = (info.description or "").replace("%", "%%")
+        annotation = info.annotation
+        origin = typing.get_origin(annotation)
+        if annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif origin is list:
+            parser.add_argument(flag, dest=name, nargs="*", default=None, metavar="VALUE", help=help_text)
+        elif origin is typing.Literal:
+            parser.add_argument(flag, dest=name, choices=typing.get_args(annotation), default=None, help=help_text)
+        else:
+            kind = {int: int, float: float}.get(annotation, str)
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarm-node", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one node (starts a new swarm unless --initial-peers is given)")
+    run.add_argument("--config", help="TOML config file (also SWARM_NODE_CONFIG)")
+    _add_config_flags(run)
+
+    swarm = sub.add_parser("swarm", help="run a local swarm of N node processes on 127.0.0.1")
+    swarm.add_argument("--config", help="TOML config file passed to every node")
+    swarm.add_argument("--nodes", type=int, default=2, help="number of node processes (the first is the bootstrap peer)")
+    swarm.add_argument("--rounds", type=int, default=3, help="rounds each node runs before the swarm stops")
+    swarm.add_argument("--output-dir", default="runs/swarm", help="directory holding node0/, node1/, ...")
+    _add_config_flags(swarm, skip=SWARM_ONLY)
+
+    sub.add_parser("config-doc", help="print the reference of every setting (markdown)")
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if level != "DEBUG":
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+def _overrides(args: argparse.Namespace, skip: set[str] = frozenset()) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in leaf_fields() if name not in skip and getattr(args, name, None) is not None}
+
+
+async def run_node(config) -> int:
+    """Start a node, run it, and always stop it. First SIGINT/SIGTERM stops gracefully, a second forces exit."""
+    from swarm_node.node import Node
+
+    node = Node(config)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            logging.getLogger("swarm_node").info("stopping after the current phase (signal again to force)")
+            node.request_stop()
+        else:
+            for child in __import__("psutil").Process().children(recursive=True):
+                child.kill()
+            os._exit(130)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await node.start()
+        await node.run()
+    finally:
+        await node.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "config-doc":
+        from swarm_node.config import config_reference
+
+        print(config_reference())
+        return 0
+    try:
+        if args.command == "run":
+            config = load_config(args.config, _overrides(args))
+            setup_logging(config.log_level)
+            import uvloop
+
+            return uvloop.run(run_node(config))
+        if args.command == "swarm":
+            from swarm_node.launcher import run_local_swarm
+
+            overrides = _overrides(args, SWARM_ONLY)
+            config = load_config(args.config, overrides)  # validate once, before any process starts
+            setup_logging(config.log_level)
+            return run_local_swarm(args.nodes, args.rounds, args.output_dir, args.config, overrides)
+    except OperatorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_OPERATOR_ERROR
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

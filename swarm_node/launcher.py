@@ -1,0 +1,209 @@
+"""`swarm-node swarm`: a local swarm of N real node processes on 127.0.0.1.
+
+Node 0 starts a new swarm (the bootstrap peer); once it has written `node.json` with its multiaddrs the
+others start with `--initial-peers` pointing at it. Each node runs in its own session (process group), so a
+stop reaches its DHT process and p2pd too. The launcher streams every node's per-round line from its
+`metrics.jsonl`, and stops all nodes with SIGTERM (then SIGKILL of the process group after a deadline) when
+every node has finished its rounds, when one node crashes, or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from swarm_node.errors import OperatorError
+
+STOP_DEADLINE_S = 30.0
+START_DEADLINE_S = 600.0
+console = Console(stderr=False, highlight=False)
+
+
+class LauncherError(OperatorError):
+    """The local swarm could not be started or a node failed; the message points at the node's log."""
+
+
+def _flags(overrides: dict[str, Any]) -> list[str]:
+    argv: list[str] = []
+    for name, value in overrides.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+class LocalSwarm:
+    """Owns the node processes of one local swarm. Use `start()`, `wait()`, `stop()`."""
+
+    def __init__(self, num_nodes: int, rounds: int, output_dir: str, config_file: str | None,
+                 overrides: dict[str, Any]):
+        if num_nodes < 1:
+            raise LauncherError("--nodes must be at least 1")
+        if rounds < 1:
+            raise LauncherError("--rounds must be at least 1")
+        self.num_nodes, self.rounds = num_nodes, rounds
+        self.out = Path(output_dir)
+        self.config_file = config_file
+        self.overrides = dict(overrides)
+        self.overrides.setdefault("torch_threads", max(1, (os.cpu_count() or 1) // num_nodes))
+        self.procs: list[subprocess.Popen] = []
+        self._printed: list[int] = [0] * num_nodes
+
+    def node_dir(self, i: int) -> Path:
+        return self.out / f"node{i}"
+
+    def _spawn(self, i: int, initial_peers: list[str]) -> subprocess.Popen:
+        d = self.node_dir(i)
+        d.mkdir(parents=True, exist_ok=True)
+        for stale in ("node.json", "metrics.jsonl"):
+            (d / stale).unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "swarm_node.cli", "run", "--output-dir", str(d), "--rounds", str(self.rounds),
+                "--linger-s", "3600"]
+        if self.config_file:
+            argv += ["--config", self.config_file]
+        if initial_peers:
+            argv += ["--initial-peers", *initial_peers]
+        argv += _flags(self.overrides)
+        log = open(d / "node.log", "w")
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_for_info(self, i: int) -> dict[str, Any]:
+        path = self.node_dir(i) / "node.json"
+        deadline = time.monotonic() + START_DEADLINE_S
+        while time.monotonic() < deadline:
+            if self.procs[i].poll() is not None:
+                raise LauncherError(f"node{i} exited during start-up:\n{self._log_tail(i)}")
+            if path.exists():
+                return json.loads(path.read_text())
+            time.sleep(0.2)
+        raise LauncherError(f"node{i} did not start within {START_DEADLINE_S:.0f} s; see {self.node_dir(i) / 'node.log'}")
+
+    def _log_tail(self, i: int, lines: int = 15) -> str:
+        try:
+            return "\n".join((self.node_dir(i) / "node.log").read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self) -> None:
+        """Start node 0, wait for its multiaddrs, then start the others pointed at it."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.procs.append(self._spawn(0, []))
+        info = self._wait_for_info(0)
+        console.print(f"[bold]bootstrap peer[/] node0 {info['peer_id']} at {' '.join(info['multiaddrs'])}")
+        for i in range(1, self.num_nodes):
+            self.procs.append(self._spawn(i, info["multiaddrs"]))
+        for i in range(1, self.num_nodes):
+            peer = self._wait_for_info(i)
+            console.print(f"node{i} {peer['peer_id']} joined")
+
+    def _read_metrics(self, i: int) -> list[dict[str, Any]]:
+        path = self.node_dir(i) / "metrics.jsonl"
+        if not path.exists():
+            return []
+        lines = []
+        for line in path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line being written
+        return lines
+
+    def _print_progress(self) -> list[int]:
+        done = []
+        for i in range(self.num_nodes):
+            rows = self._read_metrics(i)
+            for m in rows[self._printed[i]:]:
+                console.print(
+                    f"node{i} round {m['round']:>3} | reward local {m['reward_local_mean']:.3f} "
+                    f"train {m['reward_train_mean']:.3f} | external used {m['external_groups_used']}"
+                    f"/{m['external_groups_available']} | peers {m['peers_seen']} | "
+                    f"gen {m['generate_s']:.1f}s collect {m['collect_s']:.1f}s train {m['train_s']:.1f}s "
+                    f"| {m['round_s']:.1f}s"
+                )
+            self._printed[i] = len(rows)
+            done.append(len(rows))
+        return done
+
+    def wait(self) -> int:
+        """Stream progress until every node finished its rounds (0) or a node crashed (1)."""
+        while True:
+            done = self._print_progress()
+            if all(n >= self.rounds for n in done):
+                return 0
+            for i, proc in enumerate(self.procs):
+                if proc.poll() is not None:
+                    console.print(f"[red]node{i} exited with status {proc.returncode}[/]\n{self._log_tail(i)}")
+                    return 1
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM every node, wait up to STOP_DEADLINE_S, then SIGKILL each node's process group."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_DEADLINE_S
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the node's DHT process and p2pd share its session
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+
+    def summary(self) -> Table:
+        table = Table(title=f"local swarm: {self.num_nodes} nodes, output in {self.out}")
+        for col in ("node", "rounds", "reward local (mean)", "external used / round", "round s (mean)", "peak RSS MB"):
+            table.add_column(col)
+        for i in range(self.num_nodes):
+            rows = self._read_metrics(i)
+            if not rows:
+                table.add_row(f"node{i}", "0", "-", "-", "-", "-")
+                continue
+            n = len(rows)
+            table.add_row(
+                f"node{i}", str(n),
+                f"{sum(m['reward_local_mean'] for m in rows) / n:.3f}",
+                " ".join(str(m["external_groups_used"]) for m in rows),
+                f"{sum(m['round_s'] for m in rows) / n:.1f}",
+                f"{max(m['peak_rss_mb'] for m in rows):.0f}",
+            )
+        return table
+
+
+def run_local_swarm(num_nodes: int, rounds: int, output_dir: str, config_file: str | None,
+                    overrides: dict[str, Any]) -> int:
+    """Run a local swarm to completion. Returns the exit status (0 when every node finished its rounds)."""
+    from swarm_node.learning.models import EMBEDDED_MODEL, TINY_MODEL, embedded_model_dir
+
+    swarm = LocalSwarm(num_nodes, rounds, output_dir, config_file, overrides)
+    if overrides.get("model", EMBEDDED_MODEL) in (EMBEDDED_MODEL, TINY_MODEL):
+        console.print("preparing the embedded model (converted once, then cached)")
+        embedded_model_dir()
+    status = 1
+    try:
+        swarm.start()
+        status = swarm.wait()
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping all nodes")
+        status = 130
+    finally:
+        swarm.stop()
+    console.print(swarm.summary())
+    return status

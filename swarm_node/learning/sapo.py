@@ -1,0 +1,59 @@
+"""SAPO's training-set construction: I local groups plus J groups sampled from the swarm.
+
+Source: "Sharing is Caring" (Gensyn, arXiv 2509.08721), section 3. External groups whose advantages are all
+zero (every completion got the same reward) carry no GRPO signal, so they are dropped from the external
+pool before J groups are sampled uniformly without replacement. Local groups are always kept (the paper's
+8/0 baseline trains on them unfiltered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Sequence
+
+from swarm_node.learning.tasks import TaskSpec
+
+
+@dataclasses.dataclass
+class Group:
+    """One question and L completions with their (locally computed) rewards.
+
+    Attributes:
+        spec: the task spec the question is re-created from.
+        completions: L completion texts.
+        rewards: L rewards from the local verifier (never a peer's claim).
+        peer_id: base58 peer ID of the node that generated the completions.
+        round: the generating node's round.
+        policy_version: the generating node's policy version (optimizer steps taken).
+        model: name of the model that generated them.
+    """
+
+    spec: TaskSpec
+    completions: list[str]
+    rewards: list[float]
+    peer_id: str
+    round: int
+    policy_version: int
+    model: str
+
+    @property
+    def has_signal(self) -> bool:
+        """False when all rewards are equal, i.e. every GRPO advantage is zero."""
+        return max(self.rewards) - min(self.rewards) > 1e-9
+
+    def content_key(self) -> tuple[str, tuple[str, ...]]:
+        """Identity of the group's content, for dedupe across re-publication and copying between peers."""
+        return self.spec.key(), tuple(self.completions)
+
+
+def select_external(pool: Sequence[Group], num_groups: int, rng: random.Random,
+                    filter_zero_advantage: bool = True) -> list[Group]:
+    """Drop zero-advantage groups (unless disabled) and sample `num_groups` uniformly without replacement.
+
+    Returns fewer than `num_groups` when the (filtered) pool is smaller.
+    """
+    candidates = [g for g in pool if g.has_signal or not filter_zero_advantage]
+    if len(candidates) <= num_groups:
+        return list(candidates)
+    return rng.sample(candidates, num_groups)

@@ -1,0 +1,214 @@
+"""Verifiable reasoning tasks from reasoning-gym: the task stream, task specs, prompts and the strict verifier.
+
+A question never crosses the network as text. It travels as a `TaskSpec` (dataset name, dataset
+config, seed, index, reasoning-gym version); any node re-creates the question and its answer from
+the spec and scores completions with reasoning-gym's own `score_answer`. That is what lets a node
+ignore a peer's claimed question, answer and reward.
+
+Design decision, measured here (see shared/SAPO.md): SmolLM2-135M never writes `<answer>` tags
+under reasoning-gym's default prompt, so the `smol` preset prompts with two in-context examples
+from the same task, whose replies are just `<answer>X</answer>`, and uses easy task sizes.
+The examples are derived from the spec, so every node builds the same prompt for a spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import random
+from functools import lru_cache
+from typing import Any
+
+import reasoning_gym
+from reasoning_gym.factory import DATASETS
+from reasoning_gym.utils import SYSTEM_PROMPTS, extract_answer
+
+from swarm_node.errors import OperatorError
+
+RG_VERSION = importlib.metadata.version("reasoning-gym")
+
+SMOL_SYSTEM_PROMPT = "Answer the question. Reply with only the final answer inside <answer></answer> tags."
+
+# Task sizes at which SmolLM2-135M-Instruct sometimes succeeds (measured in shared/SAPO.md: 6-38%).
+SMOL_TASKS: dict[str, dict[str, Any]] = {
+    "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    "letter_counting": {},
+    "syllogism": {},
+}
+# The SAPO paper's nine tasks (arXiv 2509.08721, section 5), reasoning-gym defaults.
+PAPER_TASKS: dict[str, dict[str, Any]] = {
+    name: {}
+    for name in (
+        "base_conversion",
+        "basic_arithmetic",
+        "arc_1d",
+        "bf",
+        "propositional_logic",
+        "fraction_simplification",
+        "decimal_arithmetic",
+        "calendar_arithmetic",
+        "binary_matrix",
+    )
+}
+FEWSHOT_SEED_OFFSET = 0x5EED  # few-shot examples come from a differently seeded copy of the dataset
+
+
+class TaskError(OperatorError):
+    """A task or task spec that cannot be re-created (unknown dataset, bad config, version, index)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Everything needed to re-create one reasoning-gym question and its answer.
+
+    Attributes:
+        dataset: reasoning-gym dataset name, e.g. "chain_sum".
+        config: dataset config keyword arguments (JSON-serialisable).
+        seed: dataset seed.
+        index: item index in [0, size).
+        size: dataset size the index was drawn from.
+        rg_version: reasoning-gym version that generated it; a mismatch is rejected.
+    """
+
+    dataset: str
+    config: dict[str, Any]
+    seed: int
+    index: int
+    size: int
+    rg_version: str = RG_VERSION
+
+    def key(self) -> str:
+        """Canonical string identity of the question (used for dedupe and caching)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """A question re-created from its spec. `entry` is reasoning-gym's item dict (question, answer, metadata)."""
+
+    spec: TaskSpec
+    entry: dict[str, Any]
+
+    @property
+    def text(self) -> str:
+        return self.entry["question"]
+
+    @property
+    def answer(self) -> str:
+        return str(self.entry["answer"])
+
+
+@lru_cache(maxsize=256)
+def _dataset(name: str, config_json: str, seed: int, size: int):
+    return reasoning_gym.create_dataset(name, seed=seed, size=size, **json.loads(config_json))
+
+
+def dataset_for(spec: TaskSpec):
+    """The (cached) reasoning-gym dataset of a spec. Raises TaskError if it cannot be built."""
+    if spec.rg_version != RG_VERSION:
+        raise TaskError(f"reasoning-gym version {spec.rg_version!r} differs from local {RG_VERSION!r}")
+    if spec.dataset not in DATASETS:
+        raise TaskError(f"unknown reasoning-gym dataset {spec.dataset!r}")
+    if not (0 <= spec.index < spec.size):
+        raise TaskError(f"index {spec.index} outside [0, {spec.size})")
+    try:
+        return _dataset(spec.dataset, json.dumps(spec.config, sort_keys=True), spec.seed, spec.size)
+    except Exception as e:  # reasoning-gym raises TypeError/ValueError/AssertionError on bad configs
+        raise TaskError(f"cannot build dataset {spec.dataset!r} with config {spec.config!r}: {e}") from None
+
+
+def recreate(spec: TaskSpec) -> Question:
+    """Re-create the question of a spec from reasoning-gym alone. Raises TaskError."""
+    dataset = dataset_for(spec)
+    try:
+        return Question(spec, dataset[spec.index])
+    except Exception as e:
+        raise TaskError(f"cannot generate {spec.dataset}[{spec.index}]: {e}") from None
+
+
+def score(question: Question, completion: str) -> float:
+    """Strict verifier reward in [0, 1]: reasoning-gym's `score_answer` on the text inside <answer> tags.
+
+    A completion without `<answer>...</answer>` scores 0 (no format reward is mixed in).
+    """
+    answer = extract_answer(completion, tag_name="answer")
+    if answer is None:
+        return 0.0
+    try:
+        reward = float(dataset_for(question.spec).score_answer(answer, question.entry))
+    except Exception:  # a verifier crash on odd text counts as a wrong answer
+        return 0.0
+    return min(max(reward, 0.0), 1.0) if reward == reward else 0.0
+
+
+def has_answer_tags(completion: str) -> bool:
+    """Whether the completion followed the `<answer>...</answer>` format (reported, never rewarded)."""
+    return extract_answer(completion, tag_name="answer") is not None
+
+
+class TaskSet:
+    """The node's task list and prompt style, resolved from the config preset.
+
+    Args:
+        preset: "smol", "paper" or "custom".
+        custom_tasks: entries `name` or `name:{json}` (custom preset only).
+        num_fewshot: in-context examples per prompt; -1 uses the preset default.
+        seed: dataset seed shared by the swarm (all nodes draw from the same datasets).
+        size: dataset size.
+
+    Raises:
+        TaskError: an unknown task name or a config reasoning-gym rejects.
+    """
+
+    def __init__(self, preset: str, custom_tasks: list[str], num_fewshot: int, seed: int, size: int):
+        if preset == "smol":
+            tasks, default_shots, self.system_prompt = SMOL_TASKS, 2, SMOL_SYSTEM_PROMPT
+        elif preset == "paper":
+            tasks, default_shots, self.system_prompt = PAPER_TASKS, 0, SYSTEM_PROMPTS["default"]
+        else:
+            tasks, default_shots, self.system_prompt = _parse_custom(custom_tasks), 2, SMOL_SYSTEM_PROMPT
+        self.tasks = dict(tasks)
+        self.num_fewshot = default_shots if num_fewshot < 0 else num_fewshot
+        self.seed, self.size = seed, size
+        for name, config in self.tasks.items():
+            dataset_for(TaskSpec(name, config, seed, 0, size))  # fail at start-up, not mid-run
+
+    def draw(self, rng: random.Random) -> TaskSpec:
+        """Draw one spec: a task uniformly, then an index uniformly in [0, size)."""
+        name = rng.choice(sorted(self.tasks))
+        return TaskSpec(name, self.tasks[name], self.seed, rng.randrange(self.size), self.size)
+
+    def messages(self, question: Question) -> list[dict[str, str]]:
+        """Chat messages for a question: system prompt, few-shot turns derived from the spec, the question."""
+        spec = question.spec
+        messages = [{"role": "system", "content": self.system_prompt}]
+        if self.num_fewshot:
+            shots = dataset_for(dataclasses.replace(spec, seed=spec.seed + FEWSHOT_SEED_OFFSET))
+            for k in range(self.num_fewshot):
+                example = shots[(spec.index * self.num_fewshot + k) % spec.size]
+                messages.append({"role": "user", "content": example["question"]})
+                messages.append({"role": "assistant", "content": f"<answer>{example['answer']}</answer>"})
+        messages.append({"role": "user", "content": question.text})
+        return messages
+
+
+def _parse_custom(entries: list[str]) -> dict[str, dict[str, Any]]:
+    tasks: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        name, _, raw = entry.partition(":")
+        try:
+            config = json.loads(raw) if raw else {}
+        except json.JSONDecodeError as e:
+            raise TaskError(f"task {entry!r}: config after ':' is not JSON ({e})") from None
+        if name not in DATASETS:
+            raise TaskError(f"unknown task {name!r}; reasoning-gym has e.g. {', '.join(sorted(DATASETS)[:6])}, ...")
+        tasks[name] = config
+    return tasks
+
+
+def stream_seed(task_seed: int, peer_id: str) -> int:
+    """Per-node task-stream seed, so that peers draw different questions from the same datasets."""
+    return int.from_bytes(hashlib.sha256(f"{task_seed}/{peer_id}".encode()).digest()[:8], "big")

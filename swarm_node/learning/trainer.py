@@ -1,0 +1,162 @@
+"""One GRPO update on a SAPO training set (local plus external groups).
+
+External completions arrive as text; they are re-tokenised with the local tokenizer under the local prompt
+for the re-created question and trained exactly like local ones (SAPO section 3). A re-tokenised completion
+shorter than max_new_tokens is taken to have ended on its own and gets the EOS token appended, so the
+policy also learns where to stop.
+
+Log-probs are computed only on completion tokens: the decoder runs once over prompt + completion, then the
+LM head is applied only to the positions that predict completion tokens, so the (B, T, vocab) logits over
+the prompt are never materialised.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from swarm_node.config import TrainConfig
+from swarm_node.learning.generation import autocast
+from swarm_node.learning.grpo import clipped_policy_loss, group_advantages
+from swarm_node.learning.models import Policy
+from swarm_node.learning.sapo import Group
+from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate
+
+
+@dataclasses.dataclass
+class TokenizedSample:
+    """One completion ready for the loss: prompt and completion token ids and its advantage."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+
+
+@dataclasses.dataclass
+class StepStats:
+    """Outcome of one round's update. `loss` is None when no group carried signal (no step taken)."""
+
+    loss: float | None
+    num_sequences: int
+    num_tokens: int
+    grad_norm: float
+    clip_fraction: float
+    kl: float
+    policy_version: int
+
+
+class Trainer:
+    """Owns the optimizer and the policy version counter (number of optimizer steps taken).
+
+    Args:
+        policy: the loaded policy (trained in place).
+        config: the train section of the node config.
+        taskset: builds the local prompt for every question.
+    """
+
+    def __init__(self, policy: Policy, config: TrainConfig, taskset: TaskSet):
+        self.policy, self.config, self.taskset = policy, config, taskset
+        self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+        self.reference = None
+        if config.kl_coef > 0:
+            self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        self.policy_version = 0
+
+    def prompt_text(self, spec: TaskSpec) -> str:
+        """The local chat prompt for a question (re-created from its spec; never a peer's text)."""
+        question = recreate(spec)
+        return self.policy.tokenizer.apply_chat_template(
+            self.taskset.messages(question), tokenize=False, add_generation_prompt=True
+        )
+
+    def _sequences(self, groups: Sequence[Group]) -> tuple[list[TokenizedSample], int]:
+        """Tokenise every completion; returns sequences with non-zero advantage and the total token count N."""
+        tok = self.policy.tokenizer
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # (G, L)
+        advantages = group_advantages(rewards, self.config.advantage_eps)  # (G, L)
+        sequences, total_tokens = [], 0
+        for group, adv_row in zip(groups, advantages.tolist()):
+            prompt_ids = tok(self.prompt_text(group.spec), add_special_tokens=False)["input_ids"]
+            for completion, adv in zip(group.completions, adv_row):
+                ids = tok(completion, add_special_tokens=False)["input_ids"][: self.config.max_new_tokens]
+                if len(ids) < self.config.max_new_tokens:
+                    ids = ids + [tok.eos_token_id]
+                total_tokens += len(ids)
+                if group.has_signal:
+                    sequences.append(TokenizedSample(prompt_ids, ids, adv))
+        return sequences, total_tokens
+
+    def _completion_logprobs(self, model: torch.nn.Module, batch: list[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of completion tokens. Returns ((B, Tc) logprobs, (B, Tc) mask)."""
+        device = self.policy.device
+        pad = self.policy.tokenizer.pad_token_id
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in batch]
+        max_len, max_c = max(lengths), max(len(s.completion_ids) for s in batch)
+        input_ids = torch.full((len(batch), max_len), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), max_len), dtype=torch.long)
+        positions = torch.zeros((len(batch), max_c), dtype=torch.long)  # index of the hidden state predicting token t
+        targets = torch.full((len(batch), max_c), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), max_c))
+        for i, s in enumerate(batch):
+            ids = s.prompt_ids + s.completion_ids
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            c = len(s.completion_ids)
+            positions[i, :c] = torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) - 1 + c)
+            targets[i, :c] = torch.tensor(s.completion_ids)
+            mask[i, :c] = 1
+        decoder = getattr(model, model.base_model_prefix)
+        hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state  # (B, T, H)
+        picked = torch.gather(hidden, 1, positions.to(device).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, Tc, H)
+        logits = model.get_output_embeddings()(picked).float()  # (B, Tc, V)
+        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
+        return logprobs.view(len(batch), max_c), mask.to(device)
+
+    def step(self, groups: Sequence[Group]) -> StepStats:
+        """Take `steps_per_round` optimizer steps on the groups (GRPO with token-level clipped loss).
+
+        Groups without signal (all rewards equal) have zero advantage and zero loss with kl_coef = 0; they are
+        counted in the token normaliser N but not run through the model.
+        """
+        cfg = self.config
+        model = self.policy.model
+        model.train()
+        sequences, total_tokens = self._sequences(groups)
+        if not sequences:
+            return StepStats(None, 0, total_tokens, 0.0, 0.0, 0.0, self.policy_version)
+        micro = [sequences[i : i + cfg.micro_batch_size] for i in range(0, len(sequences), cfg.micro_batch_size)]
+        old_logprobs: list[torch.Tensor | None] = [None] * len(micro)
+        ref_logprobs: list[torch.Tensor | None] = [None] * len(micro)
+        with torch.no_grad(), autocast(self.policy):
+            for k, batch in enumerate(micro):
+                if cfg.steps_per_round > 1:  # ratio != 1 after the first step: keep the behaviour policy's logprobs
+                    old_logprobs[k] = self._completion_logprobs(model, batch)[0]
+                if self.reference is not None:
+                    ref_logprobs[k] = self._completion_logprobs(self.reference, batch)[0]
+        total_loss, clip_fracs, kls, grad_norm = 0.0, [], [], 0.0
+        for _ in range(cfg.steps_per_round):
+            total_loss = 0.0
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, batch in enumerate(micro):
+                with autocast(self.policy):
+                    logprobs, mask = self._completion_logprobs(model, batch)
+                old = old_logprobs[k] if old_logprobs[k] is not None else logprobs.detach()
+                advantages = torch.tensor([s.advantage for s in batch], device=logprobs.device)
+                loss, stats = clipped_policy_loss(
+                    logprobs, old, advantages, mask, cfg.clip_eps_low, cfg.clip_eps_high,
+                    num_tokens=total_tokens, ref_logprobs=ref_logprobs[k], kl_coef=cfg.kl_coef,
+                )
+                loss.backward()
+                total_loss += float(loss)
+                clip_fracs.append(stats["clip_fraction"])
+                kls.append(stats["kl"])
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm))
+            self.optimizer.step()
+            self.policy_version += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(total_loss, len(sequences), total_tokens, grad_norm,
+                         sum(clip_fracs) / len(clip_fracs), sum(kls) / len(kls), self.policy_version)

@@ -1,0 +1,15 @@
+"""The network layer: hivemind DHT membership, the signed manifest index, and the rollout exchange.
+
+- `hivemind_patch`: fixes hivemind's uvloop pipe desync before any DHT exists (applied on import).
+- `wire`: message structs and the msgpack codec (the protocol contract, see protocols/PROTOCOL.md).
+- `identity`: the persistent RSA identity that is both the libp2p peer ID and the record-signing key.
+- `exchange`: publishing per-round manifests in the DHT and moving rollout payloads over libp2p streams.
+"""
+
+import os
+
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+
+from swarm_node.network import hivemind_patch  # noqa: E402
+
+hivemind_patch.apply()

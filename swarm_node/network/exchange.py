@@ -1,0 +1,227 @@
+"""Publishing and collecting rollouts: a signed manifest index in the DHT, payloads over libp2p streams.
+
+Why two paths (shared/HIVEMIND.md section 2): a DHT value is one message capped at 4 MiB that silently
+vanishes above the cap, lives only in RAM on several replicas and crashed hivemind's processes when large.
+So the DHT holds only a small per-peer, per-round `Manifest`, and the rollout bytes move peer-to-peer over
+a libp2p stream, checked against the manifest's size and sha256.
+
+DHT layout (protocols/PROTOCOL.md): key `"{swarm}/v1/rollouts/{round}/{shard}"`, shard = first byte of
+sha256(peer ID) mod num_shards, subkey = the publisher's owner marker `[owner:<RSA public key>]`, value =
+msgpack Manifest signed by RSASignatureValidator. Sharding keeps every DHT value small at 64+ peers.
+
+Every failure of a peer is a normal return value here: `fetch` raises `FetchError(reason)` which the node
+counts; nothing from a peer is trusted before `wire.decode_*` and the node's re-scoring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+from typing import Iterable
+
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P, PeerID
+
+from swarm_node.config import NetworkConfig
+from swarm_node.network import wire
+from swarm_node.network.identity import peer_id_from_public_key
+
+log = logging.getLogger(__name__)
+
+STREAM_PROTOCOL = "/swarm-node/rollouts/1"
+HEADER_BYTES = 8  # big-endian payload length, as hivemind's P2P.send_raw_data
+_OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
+
+
+class FetchError(Exception):
+    """A payload could not be fetched or did not match its manifest. `reason` is a countable code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def rollout_key(swarm_name: str, round_: int, shard: int) -> str:
+    return f"{swarm_name}/v{wire.PROTOCOL_MAJOR}/rollouts/{round_}/{shard}"
+
+
+def shard_of(peer_id: str, num_shards: int) -> int:
+    return hashlib.sha256(peer_id.encode()).digest()[0] % num_shards
+
+
+class RolloutExchange:
+    """Publishes this node's rounds and collects peers' manifests and payloads.
+
+    Args:
+        dht: a running hivemind DHT created with `validator` among its record validators.
+        p2p: a P2P replica of the DHT's daemon in this process (serves the rollout stream).
+        validator: the RSASignatureValidator built from the node's identity key.
+        config: the network section of the node config.
+        keep_rounds: how many of this node's own payloads stay available to peers.
+    """
+
+    def __init__(self, dht: DHT, p2p: P2P, validator: RSASignatureValidator, config: NetworkConfig,
+                 keep_rounds: int = 8):
+        self.dht, self.p2p, self.validator, self.config = dht, p2p, validator, config
+        self.peer_id = p2p.peer_id.to_base58()
+        self._payloads: OrderedDict[int, bytes] = OrderedDict()
+        self._keep_rounds = keep_rounds
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(STREAM_PROTOCOL, self._serve)
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.wait_for(self.p2p.remove_binary_stream_handler(STREAM_PROTOCOL), 2.0)
+        except Exception as e:  # the daemon may already be gone during shutdown
+            log.debug("removing stream handler failed: %s", e)
+        await self.p2p.shutdown()
+
+    # ------------------------------------------------------------------ publishing
+    async def publish(self, payload: wire.RolloutPayload) -> bool:
+        """Keep the payload for serving and store its signed manifest in the DHT. Returns whether the store succeeded."""
+        data = wire.encode(payload)
+        self._payloads[payload.round] = data
+        while len(self._payloads) > self._keep_rounds:
+            self._payloads.popitem(last=False)
+        manifest = wire.Manifest(
+            version=wire.PROTOCOL_VERSION,
+            peer_id=self.peer_id,
+            round=payload.round,
+            policy_version=payload.policy_version,
+            model=payload.model,
+            num_groups=len(payload.groups),
+            num_completions=sum(len(g.completions) for g in payload.groups),
+            payload_bytes=len(data),
+            payload_sha256=wire.sha256(data),
+            created_at_s=time.time(),
+        )
+        key = rollout_key(self.config.swarm_name, payload.round, shard_of(self.peer_id, self.config.num_shards))
+        future = self.dht.store(
+            key, wire.encode(manifest), get_dht_time() + self.config.publish_ttl_s,
+            subkey=self.validator.local_public_key, return_future=True,
+        )
+        try:
+            return bool(await asyncio.wait_for(future, self.config.dht_timeout_s))
+        except (asyncio.TimeoutError, Exception) as e:
+            log.warning("publishing round %d manifest failed: %r", payload.round, e)
+            return False
+
+    async def _serve(self, stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Stream handler: read a FetchRequest, answer with a length-prefixed payload (length 0: not available)."""
+        try:
+            header = await asyncio.wait_for(reader.readexactly(HEADER_BYTES), self.config.fetch_timeout_s)
+            length = int.from_bytes(header, "big")
+            if length > 256:
+                return
+            request = wire.decode_request(await asyncio.wait_for(reader.readexactly(length), self.config.fetch_timeout_s))
+            data = self._payloads.get(request.round, b"")
+            writer.write(len(data).to_bytes(HEADER_BYTES, "big"))
+            for offset in range(0, len(data), 1 << 16):
+                writer.write(data[offset : offset + (1 << 16)])
+            await writer.drain()
+            self.bytes_out += len(data)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, wire.WireError) as e:
+            log.debug("bad rollout request from %s: %r", getattr(stream_info, "peer_id", "?"), e)
+        finally:
+            writer.close()
+
+    # ------------------------------------------------------------------ collecting
+    async def poll(self, rounds: Iterable[int]) -> tuple[list[wire.Manifest], dict[str, int]]:
+        """Read every shard of the given rounds. Returns (valid manifests from other peers, reject counts by reason)."""
+        keys = [rollout_key(self.config.swarm_name, r, s) for r in rounds for s in range(self.config.num_shards)]
+        results = await asyncio.gather(*(self._get(k) for k in keys))
+        manifests, rejects = [], {}
+        for result in results:
+            if not result:
+                continue
+            for subkey, item in result.items():
+                try:
+                    manifest = self._check_record(subkey, item.value)
+                except wire.WireError as e:
+                    rejects[e.reason] = rejects.get(e.reason, 0) + 1
+                    continue
+                if manifest.peer_id != self.peer_id:
+                    manifests.append(manifest)
+        return manifests, rejects
+
+    async def _get(self, key: str) -> dict | None:
+        try:
+            found = await asyncio.wait_for(self.dht.get(key, latest=True, return_future=True), self.config.dht_timeout_s)
+        except Exception as e:
+            log.debug("DHT get %s failed: %r", key, e)
+            return None
+        if found is None or not isinstance(found.value, dict):
+            return None
+        return found.value
+
+    @staticmethod
+    def _check_record(subkey, value) -> wire.Manifest:
+        """Decode a manifest and check that its owner marker's key derives the claimed peer ID. Raises WireError."""
+        owners = _OWNER_RE.findall(subkey) if isinstance(subkey, bytes) else []
+        if len(owners) != 1:
+            raise wire.WireError("unsigned", "record has no owner marker")
+        if not isinstance(value, bytes):
+            raise wire.WireError("malformed", "manifest value is not bytes")
+        manifest = wire.decode_manifest(value)
+        try:
+            owner = peer_id_from_public_key(owners[0]).to_base58()
+        except Exception:
+            raise wire.WireError("unsigned", "owner marker is not an RSA key") from None
+        if owner != manifest.peer_id:
+            raise wire.WireError("owner_mismatch", f"record signed by {owner} claims {manifest.peer_id}")
+        return manifest
+
+    async def fetch(self, manifest: wire.Manifest, max_payload_bytes: int) -> wire.RolloutPayload:
+        """Fetch and check a peer's payload for a manifest within `fetch_timeout_s`.
+
+        Raises:
+            FetchError: unreachable peer, timeout, size or hash mismatch, or a payload that fails to decode
+                or does not belong to the manifest.
+        """
+        if manifest.payload_bytes > max_payload_bytes:
+            raise FetchError("too_large", f"announced {manifest.payload_bytes} bytes")
+        try:
+            data = await asyncio.wait_for(self._download(manifest), self.config.fetch_timeout_s)
+        except asyncio.TimeoutError:
+            raise FetchError("fetch_timeout") from None
+        except FetchError:
+            raise
+        except Exception as e:
+            raise FetchError("unreachable", repr(e)[:200]) from None
+        if wire.sha256(data) != manifest.payload_sha256:
+            raise FetchError("hash_mismatch")
+        try:
+            payload = wire.decode_payload(data, max_payload_bytes)
+        except wire.WireError as e:
+            raise FetchError(e.reason, e.detail) from None
+        if payload.peer_id != manifest.peer_id or payload.round != manifest.round:
+            raise FetchError("manifest_mismatch", "payload peer or round differs from its manifest")
+        if len(payload.groups) != manifest.num_groups:
+            raise FetchError("manifest_mismatch", "group count differs from its manifest")
+        return payload
+
+    async def _download(self, manifest: wire.Manifest) -> bytes:
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(manifest.peer_id), STREAM_PROTOCOL)
+        try:
+            request = wire.encode(wire.FetchRequest(version=wire.PROTOCOL_VERSION, round=manifest.round))
+            writer.write(len(request).to_bytes(HEADER_BYTES, "big") + request)
+            await writer.drain()
+            length = int.from_bytes(await reader.readexactly(HEADER_BYTES), "big")
+            if length == 0:
+                raise FetchError("not_available", "peer no longer serves that round")
+            if length != manifest.payload_bytes:
+                raise FetchError("size_mismatch", f"stream announces {length}, manifest {manifest.payload_bytes}")
+            data = await reader.readexactly(length)
+            self.bytes_in += len(data)
+            return data
+        finally:
+            writer.close()

@@ -1,0 +1,404 @@
+"""The node: joins the learning layer and the network layer in a round loop with no coordinator.
+
+Lifecycle (uvicorn-style): `start()` -> `run()` -> `stop()`. Signals only set a flag; the loop checks it
+between phases, so a stop finishes or abandons the current phase and then shuts down. One asyncio loop owns
+the network (stream handler, DHT calls); blocking torch work (generation, training) runs on one worker
+thread so peers are served while the node computes.
+
+One round (SAPO, arXiv 2509.08721, section 3; see shared/SAPO.md):
+1. draw I task specs from the node's own stream; 2. generate L completions per question in one batched call
+and score them with the strict verifier; 3. publish the groups (manifest in the DHT, payload over streams);
+4. collect peers' groups for rounds [r - max_staleness, r + max_future], re-create every question from its
+spec and re-score every completion locally, drop zero-advantage groups, sample J; 5. one GRPO step on
+local + external groups; 6. append a line to metrics.jsonl.
+
+Each node keeps its own round counter and derives the DHT keys from it every round; peers at other rounds
+are accepted within the staleness window, so rounds need no global clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import random
+import resource
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from swarm_node.config import NodeConfig
+from swarm_node.errors import OperatorError
+from swarm_node.learning.sapo import Group, select_external
+from swarm_node.learning.tasks import TaskError, TaskSet, TaskSpec, recreate, score, stream_seed
+from swarm_node.network import wire
+from swarm_node.network.exchange import FetchError, RolloutExchange
+from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
+
+log = logging.getLogger("swarm_node")
+
+
+class NetworkError(OperatorError):
+    """The node cannot join the swarm (daemon start, bootstrap peers, addresses); the message says what to do."""
+
+
+def check_multiaddrs(addrs: list[str], what: str, need_peer_id: bool) -> None:
+    """Raise NetworkError with a fix-it message for a malformed multiaddr."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for addr in addrs:
+        try:
+            parsed = Multiaddr(addr)
+        except Exception as e:
+            raise NetworkError(f"{what} {addr!r} is not a valid multiaddr ({e}); expected e.g. "
+                               "/ip4/127.0.0.1/tcp/31337/p2p/Qm...") from None
+        if need_peer_id and "/p2p/" not in str(parsed):
+            raise NetworkError(f"{what} {addr!r} has no /p2p/<peer ID> part; copy the full multiaddr the peer printed")
+
+
+class Node:
+    """A swarm node. Create, `await start()`, `await run()`, `await stop()`."""
+
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        self.out_dir = Path(config.output_dir)
+        self._stop = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.identity: Identity | None = None
+        self.dht = None
+        self.exchange: RolloutExchange | None = None
+        self.round = 0
+        self._pool: dict[tuple[str, int], list[Group]] = {}  # (peer_id, round) -> verified groups
+        self._fetched: set[tuple[str, int]] = set()
+        self._seen_content: set = set()
+        self._used: set[int] = set()
+        self.rejects: Counter[str] = Counter()
+        self._lock_fd: int | None = None
+        self._children: list[psutil.Process] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load the identity, join the DHT, register the rollout stream, then load the model.
+
+        Raises:
+            IdentityError, NetworkError, ModelError, TaskError, ConfigError: operator mistakes, with a fix.
+        """
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        check_multiaddrs(cfg.network.initial_peers, "bootstrap peer", need_peer_id=True)
+        check_multiaddrs(cfg.network.host_maddrs, "listen address", need_peer_id=False)
+        check_multiaddrs(cfg.network.announce_maddrs, "announce address", need_peer_id=False)
+        self.identity = load_or_create_identity(cfg.resolved_identity_path)
+        self._lock_fd = lock_identity(self.identity.path)
+        self.taskset = TaskSet(cfg.tasks.task_preset, cfg.tasks.tasks, cfg.tasks.num_fewshot,
+                               cfg.tasks.task_seed, cfg.tasks.dataset_size)
+        await self._join_swarm()
+        peer_id = self.identity.peer_id.to_base58()
+        self.rng = random.Random(stream_seed(cfg.tasks.task_seed, peer_id))
+        self.sample_rng = random.Random(cfg.train.seed)
+        log.info("peer ID %s; loading model %s", peer_id, cfg.train.model)
+        self.policy, self.trainer = await self._in_thread(self._load_model)
+        self._write_node_info()
+
+    def _load_model(self):
+        from swarm_node.learning.models import load_policy
+        from swarm_node.learning.trainer import Trainer
+
+        import torch
+
+        if self.config.train.torch_threads:
+            torch.set_num_threads(self.config.train.torch_threads)
+        torch.manual_seed(self.config.train.seed)
+        policy = load_policy(self.config.train.model, self.config.train.seed, self.config.train.precision)
+        return policy, Trainer(policy, self.config.train, self.taskset)
+
+    async def _join_swarm(self) -> None:
+        from hivemind import DHT
+        from hivemind.dht.crypto import RSASignatureValidator
+
+        net = self.config.network
+        self.validator = RSASignatureValidator(self.identity.private_key)
+        kwargs: dict[str, Any] = dict(
+            initial_peers=net.initial_peers or None,
+            host_maddrs=net.host_maddrs,
+            identity_path=str(self.identity.path),
+            client_mode=net.client_mode,
+            record_validators=[self.validator],
+            startup_timeout=net.startup_timeout_s,
+        )
+        if net.announce_maddrs:
+            kwargs["announce_maddrs"] = net.announce_maddrs
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            self.dht = await asyncio.get_running_loop().run_in_executor(None, lambda: DHT(start=True, **kwargs))
+        except Exception as e:
+            raise NetworkError(self._explain_join_failure(e)) from None
+        finally:
+            self._children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        p2p = await asyncio.wait_for(self.dht.replicate_p2p(), net.startup_timeout_s)
+        self.exchange = RolloutExchange(self.dht, p2p, self.validator, net,
+                                        keep_rounds=net.max_staleness_rounds + net.max_future_rounds + 4)
+        await self.exchange.start()
+        self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
+        if not net.initial_peers:
+            log.info("started a new swarm; others join with --initial-peers %s", " ".join(self.maddrs))
+        else:
+            log.info("joined the swarm; this node's multiaddrs: %s", " ".join(self.maddrs))
+
+    def _explain_join_failure(self, e: Exception) -> str:
+        text = str(e)
+        net = self.config.network
+        if "already taken" in text:
+            return f"identity {self.identity.path} is already used by another peer in the swarm; pass another --identity-path"
+        if "address already in use" in text.lower():
+            return f"a listen address in {net.host_maddrs} is already in use; pick another port or use tcp/0"
+        if net.initial_peers and ("bootstrap" in text.lower() or "failed to connect" in text.lower() or "dial" in text.lower()):
+            return (f"could not reach any bootstrap peer in {net.initial_peers}: check that the peer is running, "
+                    f"the address and port are right and reachable from here ({text.strip()[:200]})")
+        if "failed to start" in text.lower():
+            return (f"the p2p daemon did not start within {net.startup_timeout_s:.0f} s ({text.strip()[:200]}); "
+                    "raise --startup-timeout-s or check that hivemind's p2pd binary runs on this machine")
+        return f"could not join the swarm: {text.strip()[:300]}"
+
+    def _write_node_info(self) -> None:
+        info = {"peer_id": self.identity.peer_id.to_base58(), "multiaddrs": self.maddrs, "pid": os.getpid(),
+                "model": self.policy.name, "output_dir": str(self.out_dir)}
+        tmp = self.out_dir / "node.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, self.out_dir / "node.json")
+
+    def request_stop(self) -> None:
+        """Ask the node to stop after the current phase (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def stop(self) -> None:
+        """Leave the swarm and reap every child process (DHT process and p2pd daemons) by PID."""
+        if self.exchange is not None:
+            try:
+                await asyncio.wait_for(self.exchange.stop(), 5)
+            except Exception as e:
+                log.debug("exchange stop: %r", e)
+        if self.dht is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)
+        self._children += [p for p in psutil.Process().children(recursive=True) if p not in self._children]
+        gone, alive = psutil.wait_procs(self._children, timeout=3)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=3)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _in_thread(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self) -> None:
+        """Run rounds until `rounds` is reached or a stop is requested, then linger `linger_s` serving peers."""
+        cfg = self.config
+        metrics_path = self.out_dir / "metrics.jsonl"
+        while not self.stopping and (cfg.rounds == 0 or self.round < cfg.rounds):
+            self.round += 1
+            metrics = await self.run_round(self.round)
+            if metrics is None:
+                break
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            log.info(
+                "round %d | reward local %.3f train %.3f | external used %d/%d | peers %d | loss %s | %.1f s",
+                metrics["round"], metrics["reward_local_mean"], metrics["reward_train_mean"],
+                metrics["external_groups_used"], metrics["external_groups_available"], metrics["peers_seen"],
+                "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}", metrics["round_s"],
+            )
+        if cfg.linger_s and not self.stopping:
+            log.info("finished %d rounds; serving peers for %.0f s", self.round, cfg.linger_s)
+            try:
+                await asyncio.wait_for(self._stop.wait(), cfg.linger_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def run_round(self, r: int) -> dict[str, Any] | None:
+        """One SAPO round. Returns the metrics line, or None if a stop was requested mid-round."""
+        cfg = self.config.train
+        t_round = time.perf_counter()
+        specs = [self.taskset.draw(self.rng) for _ in range(cfg.num_local_groups)]
+        t0 = time.perf_counter()
+        local, tokens_generated, format_rate = await self._in_thread(self._generate_local, r, specs)
+        generate_s = time.perf_counter() - t0
+        if self.stopping:
+            return None
+
+        t0 = time.perf_counter()
+        payload = wire.RolloutPayload(
+            version=wire.PROTOCOL_VERSION, peer_id=self.peer_id, round=r,
+            policy_version=self.trainer.policy_version, model=self.policy.name,
+            groups=[to_wire(g) for g in local],
+        )
+        published = await self.exchange.publish(payload)
+        publish_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        external, available, peers_seen = await self._collect(r)
+        collect_s = time.perf_counter() - t0
+        if self.stopping:
+            return None
+
+        t0 = time.perf_counter()
+        stats = await self._in_thread(self.trainer.step, local + external)
+        train_s = time.perf_counter() - t0
+
+        local_rewards = [x for g in local for x in g.rewards]
+        train_rewards = local_rewards + [x for g in external for x in g.rewards]
+        return {
+            "round": r,
+            "peer_id": self.peer_id,
+            "model": self.policy.name,
+            "policy_version": stats.policy_version,
+            "reward_local_mean": sum(local_rewards) / len(local_rewards),
+            "reward_train_mean": sum(train_rewards) / len(train_rewards),
+            "format_rate_local": format_rate,
+            "local_groups": len(local),
+            "local_groups_with_signal": sum(g.has_signal for g in local),
+            "external_groups_available": available,
+            "external_groups_used": len(external),
+            "external_peers_used": len({g.peer_id for g in external}),
+            "peers_seen": peers_seen,
+            "published": published,
+            "rejected": dict(self.rejects),
+            "loss": stats.loss,
+            "grad_norm": stats.grad_norm,
+            "clip_fraction": stats.clip_fraction,
+            "kl": stats.kl,
+            "train_sequences": stats.num_sequences,
+            "train_tokens": stats.num_tokens,
+            "tokens_generated": tokens_generated,
+            "bytes_in": self.exchange.bytes_in,
+            "bytes_out": self.exchange.bytes_out,
+            "generate_s": round(generate_s, 3),
+            "publish_s": round(publish_s, 3),
+            "collect_s": round(collect_s, 3),
+            "train_s": round(train_s, 3),
+            "round_s": round(time.perf_counter() - t_round, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "time_s": time.time(),
+        }
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id.to_base58()
+
+    def _generate_local(self, r: int, specs: list[TaskSpec]) -> tuple[list[Group], int, float]:
+        from swarm_node.learning.generation import generate
+        from swarm_node.learning.tasks import has_answer_tags
+
+        questions = [recreate(s) for s in specs]
+        prompts = [self.trainer.prompt_text(s) for s in specs]
+        cfg = self.config.train
+        out = generate(self.policy, prompts, cfg.num_completions, cfg.max_new_tokens, cfg.temperature)
+        groups, formatted, total = [], 0, 0
+        for question, completions in zip(questions, out.completions):
+            rewards = [score(question, c) for c in completions]
+            formatted += sum(has_answer_tags(c) for c in completions)
+            total += len(completions)
+            groups.append(Group(question.spec, completions, rewards, self.peer_id, r,
+                                self.trainer.policy_version, self.policy.name))
+        return groups, out.num_tokens, formatted / max(total, 1)
+
+    # ------------------------------------------------------------------ collecting
+    async def _collect(self, r: int) -> tuple[list[Group], int, int]:
+        """Gather verified external groups until J usable ones are in the pool or the deadline passes.
+
+        Returns (sampled groups, usable groups available, distinct peers seen in the window).
+        """
+        net, cfg = self.config.network, self.config.train
+        window = range(max(1, r - net.max_staleness_rounds), r + net.max_future_rounds + 1)
+        self._pool = {k: v for k, v in self._pool.items() if k[1] >= window.start}
+        deadline = time.monotonic() + net.collect_timeout_s
+        peers_seen: set[str] = set()
+        while True:
+            manifests, rejects = await self.exchange.poll(window)
+            self.rejects.update(rejects)
+            peers_seen.update(m.peer_id for m in manifests)
+            fresh = [m for m in manifests if (m.peer_id, m.round) not in self._fetched]
+            if fresh:
+                await asyncio.gather(*(self._fetch_and_verify(m) for m in fresh))
+            usable = self._usable()
+            if cfg.num_external_groups == 0 or len(usable) >= cfg.num_external_groups:
+                break
+            if self.stopping or time.monotonic() >= deadline:
+                break
+            if not await self.exchange.p2p.list_peers():  # alone: do not wait for nobody
+                break
+            await asyncio.sleep(0.5)
+        usable = self._usable()
+        chosen = select_external(usable, cfg.num_external_groups, self.sample_rng, cfg.filter_zero_advantage)
+        self._used.update(id(g) for g in chosen)
+        return chosen, len(usable), len(peers_seen)
+
+    def _usable(self) -> list[Group]:
+        """Verified, not yet used external groups in the window (with signal, if the filter is on)."""
+        keep_all = not self.config.train.filter_zero_advantage
+        return [g for groups in self._pool.values() for g in groups
+                if (keep_all or g.has_signal) and id(g) not in self._used]
+
+    async def _fetch_and_verify(self, manifest: wire.Manifest) -> None:
+        self._fetched.add((manifest.peer_id, manifest.round))
+        try:
+            payload = await self.exchange.fetch(manifest, self.config.network.max_payload_bytes)
+        except FetchError as e:
+            self.rejects[e.reason] += 1
+            log.debug("dropped payload of %s round %d: %s", manifest.peer_id, manifest.round, e)
+            return
+        groups = []
+        for wg in payload.groups:
+            group = self.verify_group(wg, payload)
+            if group is None:
+                continue
+            key = group.content_key()
+            if key in self._seen_content:
+                self.rejects["duplicate"] += 1
+                continue
+            self._seen_content.add(key)
+            groups.append(group)
+        self._pool[(manifest.peer_id, manifest.round)] = groups
+
+    def verify_group(self, wg: wire.WireGroup, payload: wire.RolloutPayload) -> Group | None:
+        """Re-create the question from its spec and re-score every completion locally; None if the spec is bad."""
+        spec = TaskSpec(wg.spec.dataset, dict(wg.spec.config), wg.spec.seed, wg.spec.index, wg.spec.size,
+                        wg.spec.rg_version)
+        try:
+            question = recreate(spec)
+        except TaskError as e:
+            self.rejects["bad_task_spec"] += 1
+            log.debug("bad task spec from %s: %s", payload.peer_id, e)
+            return None
+        rewards = [score(question, c) for c in wg.completions]
+        if any(abs(a - b) > 1e-6 for a, b in zip(rewards, wg.rewards)):
+            self.rejects["reward_mismatch"] += 1  # counted, and the local rewards are used either way
+        return Group(spec, list(wg.completions), rewards, payload.peer_id, payload.round, payload.policy_version,
+                     payload.model)
+
+
+def to_wire(group: Group) -> wire.WireGroup:
+    s = group.spec
+    return wire.WireGroup(
+        spec=wire.WireTaskSpec(dataset=s.dataset, config=s.config, seed=s.seed, index=s.index, size=s.size,
+                               rg_version=s.rg_version),
+        completions=group.completions,
+        rewards=[float(x) for x in group.rewards],
+    )
