@@ -130,6 +130,11 @@ class NetworkConfig(_Section):
     max_payload_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Largest rollout payload accepted from one peer for one round, bytes."
     )
+    min_peers: int = Field(
+        0, ge=0, description="Before the first round, wait until this many other peers are connected (at most "
+        "min_peers_timeout_s). The local swarm launcher sets it to N-1 so all nodes start together."
+    )
+    min_peers_timeout_s: float = Field(120.0, ge=0, description="Longest wait for min_peers before round 1, seconds.")
     startup_timeout_s: float = Field(30.0, gt=0, description="Deadline for the p2p daemon and DHT to start, seconds.")
 
 

@@ -59,6 +59,7 @@ class LocalSwarm:
         self.config_file = config_file
         self.overrides = dict(overrides)
         self.overrides.setdefault("torch_threads", max(1, (os.cpu_count() or 1) // num_nodes))
+        self.overrides.setdefault("min_peers", num_nodes - 1)
         self.procs: list[subprocess.Popen] = []
         self._printed: list[int] = [0] * num_nodes
 

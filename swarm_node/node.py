@@ -93,6 +93,9 @@ class Node:
         check_multiaddrs(cfg.network.initial_peers, "bootstrap peer", need_peer_id=True)
         check_multiaddrs(cfg.network.host_maddrs, "listen address", need_peer_id=False)
         check_multiaddrs(cfg.network.announce_maddrs, "announce address", need_peer_id=False)
+        from swarm_node.learning.models import check_model_name
+
+        check_model_name(cfg.train.model)
         self.identity = load_or_create_identity(cfg.resolved_identity_path)
         self._lock_fd = lock_identity(self.identity.path)
         self.taskset = TaskSet(cfg.tasks.task_preset, cfg.tasks.tasks, cfg.tasks.num_fewshot,
@@ -210,6 +213,10 @@ class Node:
         """Run rounds until `rounds` is reached or a stop is requested, then linger `linger_s` serving peers."""
         cfg = self.config
         metrics_path = self.out_dir / "metrics.jsonl"
+        if metrics_path.exists() and metrics_path.stat().st_size:
+            log.warning("starting at round 1: moving the previous %s to metrics.jsonl.prev", metrics_path)
+            os.replace(metrics_path, metrics_path.with_suffix(".jsonl.prev"))
+        await self._wait_for_peers()
         while not self.stopping and (cfg.rounds == 0 or self.round < cfg.rounds):
             self.round += 1
             metrics = await self.run_round(self.round)
@@ -231,6 +238,18 @@ class Node:
                 await asyncio.wait_for(self._stop.wait(), cfg.linger_s)
             except asyncio.TimeoutError:
                 pass
+
+    async def _wait_for_peers(self) -> None:
+        net = self.config.network
+        if not net.min_peers:
+            return
+        deadline = time.monotonic() + net.min_peers_timeout_s
+        while not self.stopping and time.monotonic() < deadline:
+            if len(await self.exchange.p2p.list_peers()) >= net.min_peers:
+                return
+            await asyncio.sleep(0.2)
+        log.warning("fewer than %d peers after %.0f s (min_peers_timeout_s); starting anyway",
+                    net.min_peers, net.min_peers_timeout_s)
 
     async def run_round(self, r: int) -> dict[str, Any] | None:
         """One SAPO round. Returns the metrics line, or None if a stop was requested mid-round."""

@@ -132,6 +132,17 @@ def tiny_model(vocab_size: int, seed: int) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
+def check_model_name(name: str) -> None:
+    """Fail fast on a model that cannot load (before joining the swarm). Raises ModelError."""
+    if name == EMBEDDED_MODEL or name == TINY_MODEL:
+        find_embedded_gguf()  # both need the embedded tokenizer
+    elif not (Path(name).expanduser() / "config.json").exists():
+        raise ModelError(
+            f"unknown model {name!r}: use `{EMBEDDED_MODEL}`, `{TINY_MODEL}` or a local Hugging Face "
+            "model directory containing config.json"
+        )
+
+
 def load_policy(name: str, seed: int = 0, precision: str = "auto") -> Policy:
     """Load the policy named in the config (`smollm2-135m`, `tiny` or a directory path).
 
@@ -148,12 +159,8 @@ def load_policy(name: str, seed: int = 0, precision: str = "auto") -> Policy:
         if name == EMBEDDED_MODEL:
             model_dir = embedded_model_dir()
         else:
+            check_model_name(name)
             model_dir = Path(name).expanduser()
-            if not (model_dir / "config.json").exists():
-                raise ModelError(
-                    f"unknown model {name!r}: use `{EMBEDDED_MODEL}`, `{TINY_MODEL}` or a local Hugging Face "
-                    "model directory containing config.json"
-                )
         tokenizer = load_tokenizer(model_dir)
         try:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

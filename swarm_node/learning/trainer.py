@@ -76,10 +76,10 @@ class Trainer:
     def _sequences(self, groups: Sequence[Group]) -> tuple[list[TokenizedSample], int]:
         """Tokenise every completion; returns sequences with non-zero advantage and the total token count N."""
         tok = self.policy.tokenizer
-        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # (G, L)
-        advantages = group_advantages(rewards, self.config.advantage_eps)  # (G, L)
         sequences, total_tokens = [], 0
-        for group, adv_row in zip(groups, advantages.tolist()):
+        for group in groups:  # peers may use another L, so groups are normalised one by one
+            rewards = torch.tensor([group.rewards], dtype=torch.float32)  # (1, L)
+            adv_row = group_advantages(rewards, self.config.advantage_eps)[0].tolist()  # (L,)
             prompt_ids = tok(self.prompt_text(group.spec), add_special_tokens=False)["input_ids"]
             for completion, adv in zip(group.completions, adv_row):
                 ids = tok(completion, add_special_tokens=False)["input_ids"][: self.config.max_new_tokens]
@@ -151,7 +151,7 @@ class Trainer:
                     num_tokens=total_tokens, ref_logprobs=ref_logprobs[k], kl_coef=cfg.kl_coef,
                 )
                 loss.backward()
-                total_loss += float(loss)
+                total_loss += float(loss.detach())
                 clip_fracs.append(stats["clip_fraction"])
                 kls.append(stats["kl"])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm))
