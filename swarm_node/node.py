@@ -348,22 +348,25 @@ class Node:
         window = range(max(1, r - net.max_staleness_rounds), r + net.max_future_rounds + 1)
         self._pool = {k: v for k, v in self._pool.items() if k[1] >= window.start}
         deadline = time.monotonic() + net.collect_timeout_s
-        peers_seen: set[str] = set()
+        latest_round: dict[str, int] = {}  # peer ID -> newest round it published in the window
         while True:
             manifests, rejects = await self.exchange.poll(window)
             self.rejects.update(rejects)
-            peers_seen.update(m.peer_id for m in manifests)
+            for m in manifests:
+                latest_round[m.peer_id] = max(m.round, latest_round.get(m.peer_id, 0))
             fresh = [m for m in manifests if (m.peer_id, m.round) not in self._fetched]
             if fresh:
                 await asyncio.gather(*(self._fetch_and_verify(m) for m in fresh))
-            usable = self._usable()
-            if cfg.num_external_groups == 0 or len(usable) >= cfg.num_external_groups:
+            if cfg.num_external_groups == 0 or len(self._usable()) >= cfg.num_external_groups:
                 break
             if self.stopping or time.monotonic() >= deadline:
                 break
+            if latest_round and min(latest_round.values()) >= r:
+                break  # every peer has published this round: nothing new will come soon
             if not await self.exchange.p2p.list_peers():  # alone: do not wait for nobody
                 break
             await asyncio.sleep(0.5)
+        peers_seen = set(latest_round)
         usable = self._usable()
         chosen = select_external(usable, cfg.num_external_groups, self.sample_rng, cfg.filter_zero_advantage)
         self._used.update(id(g) for g in chosen)

@@ -1,0 +1,49 @@
+"""Smoke test of the real CLI: `swarm-node swarm` with the tiny model, checked through metrics.jsonl."""
+
+import json
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REQUIRED = {"round", "peer_id", "reward_local_mean", "reward_train_mean", "external_groups_available",
+            "external_groups_used", "peers_seen", "loss", "tokens_generated", "generate_s", "publish_s", "collect_s",
+            "train_s", "round_s"}
+
+
+def test_local_swarm_of_three_exchanges_rollouts_and_cleans_up(tmp_path):
+    out = tmp_path / "swarm"
+    cmd = [sys.executable, "-m", "swarm_node.cli", "swarm", "--nodes", "3", "--rounds", "3", "--model", "tiny",
+           "--output-dir", str(out), "--no-filter-zero-advantage", "--num-local-groups", "2",
+           "--num-external-groups", "2", "--num-completions", "3", "--max-new-tokens", "8"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    peer_ids, pids = set(), []
+    for i in range(3):
+        info = json.loads((out / f"node{i}" / "node.json").read_text())
+        peer_ids.add(info["peer_id"])
+        pids.append(info["pid"])
+        rows = [json.loads(line) for line in (out / f"node{i}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2, 3]
+        for r in rows:
+            assert REQUIRED <= r.keys()
+            assert r["peer_id"] == info["peer_id"]
+        # every node trained on groups that its peers generated, from round 2 on
+        assert all(r["external_groups_used"] > 0 for r in rows[1:]), rows
+        assert rows[-1]["peers_seen"] == 2
+        assert rows[-1]["bytes_in"] > 0 and rows[-1]["rejected"] == {}
+    assert len(peer_ids) == 3
+    # nothing left running: no node process, and nothing in the nodes' sessions (DHT processes, p2pd)
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    leftovers = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if __import__("os").getsid(proc.pid) in pids:
+                leftovers.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    assert leftovers == []
