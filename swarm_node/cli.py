@@ -61,8 +61,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time_s, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        line = {"time_s": round(record.created, 3), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     if level != "DEBUG":
         logging.getLogger("hivemind").setLevel(logging.WARNING)
 
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             config = load_config(args.config, _overrides(args))
-            setup_logging(config.log_level)
+            setup_logging(config.log_level, config.log_format)
             import uvloop
 
             return uvloop.run(run_node(config))
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides = _overrides(args, SWARM_ONLY)
             config = load_config(args.config, overrides)  # validate once, before any process starts
-            setup_logging(config.log_level)
+            setup_logging(config.log_level, config.log_format)
             return run_local_swarm(args.nodes, args.rounds, args.output_dir, args.config, overrides)
     except OperatorError as e:
         print(f"error: {e}", file=sys.stderr)

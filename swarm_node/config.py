@@ -141,6 +141,15 @@ class NetworkConfig(_Section):
         "min_peers_timeout_s). The local swarm launcher sets it to N-1 so all nodes start together."
     )
     min_peers_timeout_s: float = Field(120.0, ge=0, description="Longest wait for min_peers before round 1, seconds.")
+    max_manifests_per_round: int = Field(
+        64, ge=1, description="New peer manifests fetched per round at most (peers that delivered before go first); "
+        "the rest are counted as `flood`."
+    )
+    max_groups_per_payload: int = Field(32, ge=1, le=64, description="Groups accepted in one peer payload.")
+    max_completions_per_group: int = Field(32, ge=2, le=64, description="Completions accepted per peer group.")
+    max_completion_chars: int = Field(4096, ge=1, le=8192, description="Characters accepted per peer completion.")
+    ban_strikes: int = Field(3, ge=1, description="Protocol violations after which a peer is ignored.")
+    ban_cooldown_s: float = Field(600.0, ge=0, description="How long a peer is ignored after a ban, seconds.")
     startup_timeout_s: float = Field(30.0, gt=0, description="Deadline for the p2p daemon and DHT to start, seconds.")
 
 
@@ -153,6 +162,7 @@ class NodeConfig(_Section):
         0.0, ge=0, description="After the last round, keep serving rollouts to peers for this long, seconds."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as JSON objects (for log collectors).")
     tasks: TaskConfig = Field(default_factory=TaskConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)

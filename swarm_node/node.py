@@ -26,7 +26,6 @@ import os
 import random
 import resource
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,10 +33,11 @@ import psutil
 
 from swarm_node.config import NodeConfig
 from swarm_node.errors import OperatorError
-from swarm_node.learning.sapo import Group, select_external
-from swarm_node.learning.tasks import TaskError, TaskSet, TaskSpec, recreate, score, stream_seed
+from swarm_node.learning.sapo import Group
+from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate, score, stream_seed
 from swarm_node.network import wire
-from swarm_node.network.exchange import FetchError, RolloutExchange
+from swarm_node.network.collector import Collector, group_to_wire
+from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 
 log = logging.getLogger("swarm_node")
@@ -73,11 +73,7 @@ class Node:
         self.dht = None
         self.exchange: RolloutExchange | None = None
         self.round = 0
-        self._pool: dict[tuple[str, int], list[Group]] = {}  # (peer_id, round) -> verified groups
-        self._fetched: set[tuple[str, int]] = set()
-        self._seen_content: set = set()
-        self._used: set[int] = set()
-        self.rejects: Counter[str] = Counter()
+        self.collector: Collector | None = None
         self._lock_fd: int | None = None
         self._children: list[psutil.Process] = []
 
@@ -103,7 +99,8 @@ class Node:
         await self._join_swarm()
         peer_id = self.identity.peer_id.to_base58()
         self.rng = random.Random(stream_seed(cfg.tasks.task_seed, peer_id))
-        self.sample_rng = random.Random(cfg.train.seed)
+        self.collector = Collector(self.exchange, cfg.network, cfg.train, random.Random(cfg.train.seed),
+                                   lambda: self.validator.invalid_signatures)
         log.info("peer ID %s; loading model %s", peer_id, cfg.train.model)
         self.policy, self.trainer = await self._in_thread(self._load_model)
         self._write_node_info()
@@ -122,10 +119,9 @@ class Node:
 
     async def _join_swarm(self) -> None:
         from hivemind import DHT
-        from hivemind.dht.crypto import RSASignatureValidator
 
         net = self.config.network
-        self.validator = RSASignatureValidator(self.identity.private_key)
+        self.validator = CountingSignatureValidator(self.identity.private_key)
         kwargs: dict[str, Any] = dict(
             initial_peers=net.initial_peers or None,
             host_maddrs=net.host_maddrs,
@@ -266,13 +262,14 @@ class Node:
         payload = wire.RolloutPayload(
             version=wire.PROTOCOL_VERSION, peer_id=self.peer_id, round=r,
             policy_version=self.trainer.policy_version, model=self.policy.name,
-            groups=[to_wire(g) for g in local],
+            groups=[group_to_wire(g) for g in local],
         )
         published = await self.exchange.publish(payload)
         publish_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        external, available, peers_seen = await self._collect(r)
+        collected = await self.collector.collect(r, lambda: self.stopping)
+        external = collected.groups
         collect_s = time.perf_counter() - t0
         if self.stopping:
             return None
@@ -293,12 +290,14 @@ class Node:
             "format_rate_local": format_rate,
             "local_groups": len(local),
             "local_groups_with_signal": sum(g.has_signal for g in local),
-            "external_groups_available": available,
+            "external_groups_available": collected.available,
             "external_groups_used": len(external),
             "external_peers_used": len({g.peer_id for g in external}),
-            "peers_seen": peers_seen,
+            "peers_seen": collected.peers_seen,
             "published": published,
-            "rejected": dict(self.rejects),
+            "rejected": dict(self.collector.trust.rejects),
+            "banned_peers": len(self.collector.trust.banned_peers),
+            "verify_ms_per_group": round(1000 * self.collector.verify_s / max(1, self.collector.verified_groups), 3),
             "loss": stats.loss,
             "grad_norm": stats.grad_norm,
             "clip_fraction": stats.clip_fraction,
@@ -337,90 +336,3 @@ class Node:
             groups.append(Group(question.spec, completions, rewards, self.peer_id, r,
                                 self.trainer.policy_version, self.policy.name))
         return groups, out.num_tokens, formatted / max(total, 1)
-
-    # ------------------------------------------------------------------ collecting
-    async def _collect(self, r: int) -> tuple[list[Group], int, int]:
-        """Gather verified external groups until J usable ones are in the pool or the deadline passes.
-
-        Returns (sampled groups, usable groups available, distinct peers seen in the window).
-        """
-        net, cfg = self.config.network, self.config.train
-        window = range(max(1, r - net.max_staleness_rounds), r + net.max_future_rounds + 1)
-        self._pool = {k: v for k, v in self._pool.items() if k[1] >= window.start}
-        deadline = time.monotonic() + net.collect_timeout_s
-        latest_round: dict[str, int] = {}  # peer ID -> newest round it published in the window
-        while True:
-            manifests, rejects = await self.exchange.poll(window)
-            self.rejects.update(rejects)
-            for m in manifests:
-                latest_round[m.peer_id] = max(m.round, latest_round.get(m.peer_id, 0))
-            fresh = [m for m in manifests if (m.peer_id, m.round) not in self._fetched]
-            if fresh:
-                await asyncio.gather(*(self._fetch_and_verify(m) for m in fresh))
-            if cfg.num_external_groups == 0 or len(self._usable()) >= cfg.num_external_groups:
-                break
-            if self.stopping or time.monotonic() >= deadline:
-                break
-            if latest_round and min(latest_round.values()) >= r:
-                break  # every peer has published this round: nothing new will come soon
-            if not await self.exchange.p2p.list_peers():  # alone: do not wait for nobody
-                break
-            await asyncio.sleep(0.5)
-        peers_seen = set(latest_round)
-        usable = self._usable()
-        chosen = select_external(usable, cfg.num_external_groups, self.sample_rng, cfg.filter_zero_advantage)
-        self._used.update(id(g) for g in chosen)
-        return chosen, len(usable), len(peers_seen)
-
-    def _usable(self) -> list[Group]:
-        """Verified, not yet used external groups in the window (with signal, if the filter is on)."""
-        keep_all = not self.config.train.filter_zero_advantage
-        return [g for groups in self._pool.values() for g in groups
-                if (keep_all or g.has_signal) and id(g) not in self._used]
-
-    async def _fetch_and_verify(self, manifest: wire.Manifest) -> None:
-        self._fetched.add((manifest.peer_id, manifest.round))
-        try:
-            payload = await self.exchange.fetch(manifest, self.config.network.max_payload_bytes)
-        except FetchError as e:
-            self.rejects[e.reason] += 1
-            log.debug("dropped payload of %s round %d: %s", manifest.peer_id, manifest.round, e)
-            return
-        groups = []
-        for wg in payload.groups:
-            group = self.verify_group(wg, payload)
-            if group is None:
-                continue
-            key = group.content_key()
-            if key in self._seen_content:
-                self.rejects["duplicate"] += 1
-                continue
-            self._seen_content.add(key)
-            groups.append(group)
-        self._pool[(manifest.peer_id, manifest.round)] = groups
-
-    def verify_group(self, wg: wire.WireGroup, payload: wire.RolloutPayload) -> Group | None:
-        """Re-create the question from its spec and re-score every completion locally; None if the spec is bad."""
-        spec = TaskSpec(wg.spec.dataset, dict(wg.spec.config), wg.spec.seed, wg.spec.index, wg.spec.size,
-                        wg.spec.rg_version)
-        try:
-            question = recreate(spec)
-        except TaskError as e:
-            self.rejects["bad_task_spec"] += 1
-            log.debug("bad task spec from %s: %s", payload.peer_id, e)
-            return None
-        rewards = [score(question, c) for c in wg.completions]
-        if any(abs(a - b) > 1e-6 for a, b in zip(rewards, wg.rewards)):
-            self.rejects["reward_mismatch"] += 1  # counted, and the local rewards are used either way
-        return Group(spec, list(wg.completions), rewards, payload.peer_id, payload.round, payload.policy_version,
-                     payload.model)
-
-
-def to_wire(group: Group) -> wire.WireGroup:
-    s = group.spec
-    return wire.WireGroup(
-        spec=wire.WireTaskSpec(dataset=s.dataset, config=s.config, seed=s.seed, index=s.index, size=s.size,
-                               rg_version=s.rg_version),
-        completions=group.completions,
-        rewards=[float(x) for x in group.rewards],
-    )

@@ -59,7 +59,7 @@ def test_publish_poll_fetch_and_failures(tmp_path, reap_children):
             assert await ex_c.publish(payload(ex_c.peer_id, 1, n_groups=3))
             manifests, rejects = await ex_b.poll([1])
             assert sorted(m.peer_id for m in manifests) == sorted([ex_a.peer_id, ex_c.peer_id])
-            assert rejects == {}
+            assert rejects == []
             by_peer = {m.peer_id: m for m in manifests}
             got = await ex_b.fetch(by_peer[ex_a.peer_id], 1 << 20)
             assert got == payload(ex_a.peer_id, 1)
@@ -70,7 +70,7 @@ def test_publish_poll_fetch_and_failures(tmp_path, reap_children):
             key = rollout_key(config.swarm_name, 2, shard_of(ex_a.peer_id, config.num_shards))
             assert dht_c.store(key, wire.encode(forged), get_dht_time() + 60, subkey=ex_c.validator.local_public_key)
             _, rejects = await ex_b.poll([2])
-            assert rejects == {"owner_mismatch": 1}
+            assert [(r.reason, r.peer_id) for r in rejects] == [("owner_mismatch", ex_c.peer_id)]
 
             # announced hash does not match the bytes served
             bad_hash = by_peer[ex_a.peer_id].model_copy(update={"payload_sha256": b"\0" * 32})

@@ -16,8 +16,10 @@ counts; nothing from a peer is trusted before `wire.decode_*` and the node's re-
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
+import multiprocessing
 import re
 import time
 from collections import OrderedDict
@@ -39,12 +41,50 @@ HEADER_BYTES = 8  # big-endian payload length, as hivemind's P2P.send_raw_data
 _OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A dropped record: a countable reason, the signer's peer ID when known, and a detail for debug logs."""
+
+    reason: str
+    peer_id: str | None
+    detail: str = ""
+
+
+class RecordError(Exception):
+    def __init__(self, reason: str, signer: str | None, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.signer, self.detail = reason, signer, detail
+
+
 class FetchError(Exception):
     """A payload could not be fetched or did not match its manifest. `reason` is a countable code."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class CountingSignatureValidator(RSASignatureValidator):
+    """hivemind's RSASignatureValidator that also counts records failing the signature check.
+
+    hivemind validates in the DHT's child process and drops bad records silently; the count lives in shared
+    memory (created before the DHT process forks) so the node can report `bad_signature` rejections.
+    """
+
+    def __init__(self, private_key):
+        super().__init__(private_key)
+        self._invalid = multiprocessing.Value("q", 0)
+
+    def validate(self, record) -> bool:
+        ok = super().validate(record)
+        if not ok:
+            with self._invalid.get_lock():
+                self._invalid.value += 1
+        return ok
+
+    @property
+    def invalid_signatures(self) -> int:
+        return self._invalid.value
 
 
 def rollout_key(swarm_name: str, round_: int, shard: int) -> str:
@@ -135,23 +175,26 @@ class RolloutExchange:
             writer.close()
 
     # ------------------------------------------------------------------ collecting
-    async def poll(self, rounds: Iterable[int]) -> tuple[list[wire.Manifest], dict[str, int]]:
-        """Read every shard of the given rounds. Returns (valid manifests from other peers, reject counts by reason)."""
-        keys = [rollout_key(self.config.swarm_name, r, s) for r in rounds for s in range(self.config.num_shards)]
-        results = await asyncio.gather(*(self._get(k) for k in keys))
-        manifests, rejects = [], {}
-        for result in results:
-            if not result:
-                continue
-            for subkey, item in result.items():
+    async def poll(self, rounds: Iterable[int]) -> tuple[list[wire.Manifest], list[Rejection]]:
+        """Read every shard of the given rounds.
+
+        Returns (valid manifests of other peers, rejected records). A rejection names the signer's peer ID when
+        the record carried a well-formed owner marker (the signature itself was checked by hivemind).
+        """
+        rounds = list(rounds)
+        keys = [(r, rollout_key(self.config.swarm_name, r, s)) for r in rounds for s in range(self.config.num_shards)]
+        results = await asyncio.gather(*(self._get(k) for _, k in keys))
+        manifests, rejections = [], []
+        for (key_round, _), result in zip(keys, results):
+            for subkey, item in (result or {}).items():
                 try:
-                    manifest = self._check_record(subkey, item.value)
-                except wire.WireError as e:
-                    rejects[e.reason] = rejects.get(e.reason, 0) + 1
+                    manifest = self._check_record(subkey, item.value, key_round)
+                except RecordError as e:
+                    rejections.append(Rejection(e.reason, e.signer, e.detail))
                     continue
                 if manifest.peer_id != self.peer_id:
                     manifests.append(manifest)
-        return manifests, rejects
+        return manifests, rejections
 
     async def _get(self, key: str) -> dict | None:
         try:
@@ -164,20 +207,25 @@ class RolloutExchange:
         return found.value
 
     @staticmethod
-    def _check_record(subkey, value) -> wire.Manifest:
-        """Decode a manifest and check that its owner marker's key derives the claimed peer ID. Raises WireError."""
+    def _check_record(subkey, value, key_round: int) -> wire.Manifest:
+        """Decode a manifest; its owner key must derive the claimed peer ID and its round match the key. Raises RecordError."""
         owners = _OWNER_RE.findall(subkey) if isinstance(subkey, bytes) else []
         if len(owners) != 1:
-            raise wire.WireError("unsigned", "record has no owner marker")
-        if not isinstance(value, bytes):
-            raise wire.WireError("malformed", "manifest value is not bytes")
-        manifest = wire.decode_manifest(value)
+            raise RecordError("unsigned", None, "record has no owner marker")
         try:
-            owner = peer_id_from_public_key(owners[0]).to_base58()
+            signer = peer_id_from_public_key(owners[0]).to_base58()
         except Exception:
-            raise wire.WireError("unsigned", "owner marker is not an RSA key") from None
-        if owner != manifest.peer_id:
-            raise wire.WireError("owner_mismatch", f"record signed by {owner} claims {manifest.peer_id}")
+            raise RecordError("unsigned", None, "owner marker is not an RSA key") from None
+        if not isinstance(value, bytes):
+            raise RecordError("malformed", signer, "manifest value is not bytes")
+        try:
+            manifest = wire.decode_manifest(value)
+        except wire.WireError as e:
+            raise RecordError(e.reason, signer, e.detail) from None
+        if signer != manifest.peer_id:
+            raise RecordError("owner_mismatch", signer, f"record signed by {signer} claims {manifest.peer_id}")
+        if manifest.round != key_round:
+            raise RecordError("round_mismatch", signer, f"manifest round {manifest.round} under key round {key_round}")
         return manifest
 
     async def fetch(self, manifest: wire.Manifest, max_payload_bytes: int) -> wire.RolloutPayload:
