@@ -143,7 +143,7 @@ class NetworkConfig(_Section):
     min_peers_timeout_s: float = Field(120.0, ge=0, description="Longest wait for min_peers before round 1, seconds.")
     max_manifests_per_round: int = Field(
         64, ge=1, description="New peer manifests fetched per round at most (peers that delivered before go first); "
-        "the rest are counted as `flood`."
+        "the rest wait for a later round and are counted once as `flood`."
     )
     max_groups_per_payload: int = Field(32, ge=1, le=64, description="Groups accepted in one peer payload.")
     max_completions_per_group: int = Field(32, ge=2, le=64, description="Completions accepted per peer group.")

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections import Counter
 from typing import Callable
 
 from swarm_node.config import NetworkConfig, TrainConfig
@@ -66,11 +67,15 @@ class Collector:
         self._signatures_counted = 0
         self._pool: dict[tuple[str, int], list[Group]] = {}  # (peer ID, round) -> verified groups
         self._seen_manifests: set[tuple[str, int]] = set()
+        self._flood_counted: set[tuple[str, int]] = set()
+        self._announced_at: dict[tuple[str, int], float] = {}
+        self._seen_bad_records: set[bytes] = set()
         self._seen_content: set = set()
         self._good_peers: set[str] = set()  # peers that delivered a valid payload before
         self._used: set[int] = set()
         self.verify_s = 0.0
         self.verified_groups = 0
+        self.accepted_by_peer: Counter[str] = Counter()  # groups that passed verification, per peer ID
 
     def window(self, r: int) -> range:
         return range(max(1, r - self.net.max_staleness_rounds), r + self.net.max_future_rounds + 1)
@@ -83,16 +88,24 @@ class Collector:
         deadline = time.monotonic() + self.net.collect_timeout_s
         latest_round: dict[str, int] = {}  # peer ID -> newest round it published in the window
         want = self.train.num_external_groups
+        fetched = 0
         while True:
             manifests, rejections = await self.exchange.poll(window)
             for rej in rejections:
-                self.trust.reject(rej.reason, rej.peer_id, rej.detail)
+                if rej.record_id not in self._seen_bad_records:
+                    self._seen_bad_records.add(rej.record_id)
+                    self.trust.reject(rej.reason, rej.peer_id, rej.detail)
             self._count_bad_signatures()
             for m in manifests:
                 latest_round[m.peer_id] = max(m.round, latest_round.get(m.peer_id, 0))
-            fresh = self._admit([m for m in manifests if (m.peer_id, m.round) not in self._seen_manifests])
+            fresh = self._admit([m for m in manifests if (m.peer_id, m.round) not in self._seen_manifests],
+                                self.net.max_manifests_per_round - fetched)
+            fetched += len(fresh)
             if fresh:
-                await asyncio.gather(*(self._fetch_and_verify(m) for m in fresh))
+                payloads = await asyncio.gather(*(self._fetch(m) for m in fresh))
+                # verify in announcement order, so a copy published later never displaces the original
+                for payload in sorted(filter(None, payloads), key=lambda p: (p.round, self._announced_at[p.peer_id, p.round])):
+                    self._verify_and_pool(payload)
             if want == 0 or len(self.usable()) >= want or stopping() or time.monotonic() >= deadline:
                 break
             if latest_round and min(latest_round.values()) >= r:
@@ -117,29 +130,37 @@ class Collector:
             self.trust.reject("bad_signature")
         self._signatures_counted = total
 
-    def _admit(self, manifests: list[wire.Manifest]) -> list[wire.Manifest]:
-        """Skip banned peers; cap new manifests per round (known-good peers first) so a Sybil flood is bounded."""
-        admitted, per_round = [], {}
+    def _admit(self, manifests: list[wire.Manifest], budget: int) -> list[wire.Manifest]:
+        """Skip banned peers and admit at most `budget` new manifests, peers that delivered before first.
+
+        Manifests over the budget stay unseen, so they can be admitted in a later poll or round; each is counted
+        once as `flood`. A Sybil flood therefore delays newcomers but cannot starve known-good peers.
+        """
+        admitted = []
         manifests = sorted(manifests, key=lambda m: (m.peer_id not in self._good_peers, self.rng.random()))
         for m in manifests:
-            self._seen_manifests.add((m.peer_id, m.round))
+            key = (m.peer_id, m.round)
             if self.trust.is_banned(m.peer_id):
+                self._seen_manifests.add(key)
                 self.trust.reject("banned_peer", None)
-                continue
-            per_round[m.round] = per_round.get(m.round, 0) + 1
-            if per_round[m.round] > self.net.max_manifests_per_round:
+            elif len(admitted) < budget:
+                self._seen_manifests.add(key)
+                admitted.append(m)
+            elif key not in self._flood_counted:
+                self._flood_counted.add(key)
                 self.trust.reject("flood", None)
-                continue
-            admitted.append(m)
         return admitted
 
-    async def _fetch_and_verify(self, manifest: wire.Manifest) -> None:
+    async def _fetch(self, manifest: wire.Manifest) -> wire.RolloutPayload | None:
+        self._announced_at[manifest.peer_id, manifest.round] = manifest.created_at_s
         try:
-            payload = await self.exchange.fetch(manifest, self.net.max_payload_bytes)
+            return await self.exchange.fetch(manifest, self.net.max_payload_bytes)
         except FetchError as e:
             self.trust.reject(e.reason, manifest.peer_id, str(e))
             log.debug("dropped payload of %s round %d: %s", manifest.peer_id, manifest.round, e)
-            return
+            return None
+
+    def _verify_and_pool(self, payload: wire.RolloutPayload) -> None:
         t0 = time.perf_counter()
         groups = self.verify_payload(payload)
         self.verify_s += time.perf_counter() - t0
@@ -184,4 +205,5 @@ class Collector:
                 continue
             self._seen_content.add(key)
             groups.append(group)
+        self.accepted_by_peer[peer] += len(groups)
         return groups

@@ -48,6 +48,7 @@ class Rejection:
     reason: str
     peer_id: str | None
     detail: str = ""
+    record_id: bytes = b""  # sha256 of the record, so a record read on every poll is counted once
 
 
 class RecordError(Exception):
@@ -74,12 +75,18 @@ class CountingSignatureValidator(RSASignatureValidator):
     def __init__(self, private_key):
         super().__init__(private_key)
         self._invalid = multiprocessing.Value("q", 0)
+        self._seen_invalid: set[bytes] = set()  # lives in the DHT process
 
     def validate(self, record) -> bool:
         ok = super().validate(record)
         if not ok:
-            with self._invalid.get_lock():
-                self._invalid.value += 1
+            digest = hashlib.sha256(record.key + record.subkey + record.value).digest()
+            if digest not in self._seen_invalid:  # a record read again on every poll counts once
+                if len(self._seen_invalid) > 100_000:
+                    self._seen_invalid.clear()
+                self._seen_invalid.add(digest)
+                with self._invalid.get_lock():
+                    self._invalid.value += 1
         return ok
 
     @property
@@ -190,7 +197,8 @@ class RolloutExchange:
                 try:
                     manifest = self._check_record(subkey, item.value, key_round)
                 except RecordError as e:
-                    rejections.append(Rejection(e.reason, e.signer, e.detail))
+                    record_id = hashlib.sha256(repr(subkey).encode() + repr(item.value).encode()).digest()
+                    rejections.append(Rejection(e.reason, e.signer, e.detail, record_id))
                     continue
                 if manifest.peer_id != self.peer_id:
                     manifests.append(manifest)
@@ -243,6 +251,8 @@ class RolloutExchange:
             raise FetchError("fetch_timeout") from None
         except FetchError:
             raise
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise FetchError("stream_error", repr(e)[:200]) from None
         except Exception as e:
             raise FetchError("unreachable", repr(e)[:200]) from None
         if wire.sha256(data) != manifest.payload_sha256:

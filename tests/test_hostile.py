@@ -1,0 +1,208 @@
+"""Hostile-peer suite: two honest nodes (real Node, tiny model, real DHT) plus an honest scripted peer, attacked
+by scripted peers over the real DHT and libp2p streams.
+
+For every attack the test asserts that the honest nodes keep running and training, that honest rollouts still
+arrive and are used, and that the attack is rejected under its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+
+import msgpack
+import pytest
+
+import swarm_node.network  # noqa: F401
+from swarm_node.config import load_config
+from swarm_node.learning.tasks import TaskSet
+from swarm_node.network import wire
+from swarm_node.network.identity import peer_id_from_public_key
+from swarm_node.node import Node
+
+from hostile import ScriptedPeer, framed, honest_payload
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 4
+SHARDS = 2
+
+
+def node_config(tmp_path, name, initial_peers):
+    return load_config(environ={}, overrides=dict(
+        output_dir=str(tmp_path / name), model="tiny", rounds=ROUNDS, num_local_groups=2, num_completions=4,
+        max_new_tokens=8, num_external_groups=4, collect_timeout_s=6, fetch_timeout_s=2, dht_timeout_s=5,
+        num_shards=SHARDS, initial_peers=initial_peers, max_manifests_per_round=24, ban_strikes=2,
+        max_staleness_rounds=2, max_future_rounds=1, torch_threads=1, min_peers=1,
+    ))
+
+
+def raw_payload(payload: wire.RolloutPayload, **changes) -> bytes:
+    d = msgpack.unpackb(wire.encode(payload), raw=False)
+    d.update(changes)
+    return msgpack.packb(d)
+
+
+async def stall(reader, writer, round_):
+    writer.write((1000).to_bytes(8, "big"))
+    await writer.drain()
+    await asyncio.sleep(30)
+
+
+async def trickle(reader, writer, round_):
+    writer.write((1000).to_bytes(8, "big"))
+    for _ in range(60):
+        writer.write(b"x")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+
+async def slam(reader, writer, round_):
+    writer.close()  # answers every fetch with an error: the stream ends without a reply
+
+
+def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap_children, caplog):
+    caplog.set_level(logging.WARNING, logger="swarm_node.network.trust")
+    taskset = TaskSet("smol", [], -1, 0, 100_000)
+
+    async def main():
+        a = Node(node_config(tmp_path, "a", []))
+        await a.start()
+        boot = a.maddrs
+        b = Node(node_config(tmp_path, "b", boot))
+        await b.start()
+        peers: dict[str, ScriptedPeer] = {}
+
+        async def peer(name, extra_keys=0):
+            peers[name] = await ScriptedPeer.create(tmp_path / f"{name}.key", boot, extra_keys=extra_keys)
+            return peers[name]
+
+        try:
+            honest = await peer("honest")
+            for r in range(1, ROUNDS + 2):
+                data = wire.encode(honest_payload(honest.peer_id, r, taskset, range(10 * r, 10 * r + 2)))
+                assert await honest.publish(r, data, SHARDS)
+
+            attacks: dict[str, tuple[str, bool]] = {}  # attacker name -> (expected reason, attributable)
+
+            async def payload_attack(name, reason, make_data, serve=None, **manifest_override):
+                p = await peer(name)
+                attacks[name] = (reason, True)
+                p.serve = serve
+                for r in range(1, ROUNDS + 1):
+                    await p.publish(r, make_data(p, r), SHARDS, **manifest_override)
+
+            good = lambda p, r, **kw: honest_payload(p.peer_id, r, taskset, range(1000 * r + 7, 1000 * r + 9), **kw)
+            await payload_attack("malformed", "malformed", lambda p, r: b"\xc1\xc1 not msgpack")
+            await payload_attack("wrong_types", "schema", lambda p, r: raw_payload(good(p, r), round=str(r)))
+            await payload_attack("many_groups", "over_limit", lambda p, r: wire.encode(
+                honest_payload(p.peer_id, r, taskset, range(40 * r, 40 * r + 40))))
+            await payload_attack("many_completions", "over_limit", lambda p, r: wire.encode(
+                honest_payload(p.peer_id, r, taskset, range(r, r + 1), num_completions=40)))
+            await payload_attack("huge_completion", "over_limit", lambda p, r: wire.encode(
+                good(p, r, completions=["x" * 5000, "y"], rewards=[0.0, 0.0])))
+            await payload_attack("nan_reward", "schema", lambda p, r: wire.encode(
+                good(p, r, rewards=[math.nan, 0.0, 0.0, 0.0])))
+            await payload_attack("major_version", "version", lambda p, r: raw_payload(good(p, r), version=[2, 0]))
+            await payload_attack("forged_reward", "reward_mismatch", lambda p, r: wire.encode(
+                good(p, r, rewards=[1.0, 1.0, 1.0, 0.0])))
+            bad_spec = wire.WireTaskSpec.model_construct(dataset="no_such_dataset", config={}, seed=0, index=1,
+                                                         size=10, rg_version=taskset.draw(__import__("random").Random()).rg_version)
+            await payload_attack("bad_dataset", "bad_task_spec", lambda p, r: wire.encode(good(p, r, spec=bad_spec)))
+            bad_index = bad_spec.model_copy(update={"dataset": "chain_sum", "index": 10})
+            await payload_attack("bad_index", "bad_task_spec", lambda p, r: wire.encode(good(p, r, spec=bad_index)))
+            await payload_attack("hash", "hash_mismatch", lambda p, r: wire.encode(good(p, r)),
+                                 payload_sha256=b"\x07" * 32)
+            await payload_attack("stall", "fetch_timeout", lambda p, r: b"z" * 1000, serve=stall)
+            await payload_attack("trickle", "fetch_timeout", lambda p, r: b"z" * 1000, serve=trickle)
+
+            async def oversend(reader, writer, round_):
+                writer.write(framed(b"q" * 100, announced=50_000_000))
+                await writer.drain()
+
+            await payload_attack("oversend", "size_mismatch", lambda p, r: b"q" * 100, serve=oversend)
+            await payload_attack("error_reply", "stream_error", lambda p, r: b"z" * 100, serve=slam)
+
+            # duplicates: copies of the honest peer's round-1 groups, published for later rounds
+            copier = await peer("duplicate")
+            attacks["duplicate"] = ("duplicate", True)
+            stolen = honest_payload(honest.peer_id, 1, taskset, range(10, 12))
+            for r in (3, 4):
+                await copier.publish(r, wire.encode(stolen.model_copy(update={"peer_id": copier.peer_id, "round": r})),
+                                     SHARDS)
+
+            # record-level attacks from one DHT peer holding extra keys
+            rec = await peer("records", extra_keys=12)
+            victim = a.peer_id
+            sybil_ids = [peer_id_from_public_key(v.local_public_key[7:-1]).to_base58() for v in rec.sybils]
+            m = lambda r, **kw: rec.manifest_for(r, b"x" * 10, **kw)
+            for r in range(1, ROUNDS + 1):
+                await rec.store_manifest(r, b"\x93\xc1\xc1", SHARDS, signer=rec.sybils[0])
+                await rec.store_manifest(r, raw_payload(m(r), round="1"), SHARDS, signer=rec.sybils[1])
+                await rec.store_manifest(r, wire.encode(m(r, model="m" * 100)) + b"\x00" * 1200, SHARDS,
+                                         signer=rec.sybils[2])
+                await rec.store_manifest(r, raw_payload(m(r), version=[9, 0]), SHARDS, signer=rec.sybils[3])
+                # someone else's owner marker with a made-up signature
+                await rec.store_manifest(r, wire.encode(m(r, peer_id=victim)), SHARDS, as_peer=victim,
+                                         signer=a.validator)
+                # own signature, another peer's ID
+                await rec.store_manifest(r, wire.encode(m(r, peer_id=victim)), SHARDS, as_peer=victim)
+                # replayed old round / far-future round under a live key
+                await rec.store_manifest(r, wire.encode(m(0, peer_id=sybil_ids[4])), SHARDS, as_peer=sybil_ids[4],
+                                         key_round=r, signer=rec.sybils[4])
+                await rec.store_manifest(r, wire.encode(m(r + 1000, peer_id=sybil_ids[5])), SHARDS,
+                                         as_peer=sybil_ids[5], key_round=r, signer=rec.sybils[5])
+            # flood: 12 Sybil identities announce round 2 (at most 24 new manifests are fetched per round)
+            for s, sybil_id in zip(rec.sybils, sybil_ids):
+                await rec.store_manifest(2, wire.encode(m(2, peer_id=sybil_id)), SHARDS, as_peer=sybil_id, signer=s)
+
+            await asyncio.gather(a.run(), b.run())
+            return a, b, peers, attacks
+        finally:
+            for p in peers.values():
+                await p.shutdown()
+            await a.stop()
+            await b.stop()
+
+    a, b, peers, attacks = asyncio.run(main())
+    report = {}
+    for node, other in ((a, b), (b, a)):
+        rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
+        trust = node.collector.trust
+        print("rounds:", [(r["loss"], r["external_groups_used"], r["external_groups_available"], r["collect_s"])
+                          for r in rows], "H:", dict(trust.rejects_by_peer.get(peers["honest"].peer_id, {})),
+              sorted(k[1] for k in node.collector._seen_manifests if k[0] == peers["honest"].peer_id),
+              node.collector.accepted_by_peer[peers["honest"].peer_id])
+        # 1. the honest node kept running and training
+        assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+        # (round 1 may miss the honest scripted peer: the Sybil flood can push a newcomer to a later round)
+        assert all(r["loss"] is not None for r in rows[1:]), [
+            (r["loss"], r["external_groups_used"], r["external_groups_available"], r["peers_seen"], r["collect_s"])
+            for r in rows] + [dict(node.collector.accepted_by_peer), dict(trust.rejects)]
+        # 2. honest rollouts still arrived and were used
+        assert all(r["external_groups_used"] > 0 for r in rows[1:])
+        assert node.collector.accepted_by_peer[peers["honest"].peer_id] >= 4
+        assert node.collector.accepted_by_peer[other.peer_id] > 0
+        assert peers["honest"].peer_id not in trust.banned_peers and other.peer_id not in trust.banned_peers
+        assert not trust.rejects_by_peer.get(peers["honest"].peer_id)
+        assert not trust.rejects_by_peer.get(other.peer_id)
+        # 3. every attack was rejected under its reason, and none of its groups was used
+        for name, (reason, _) in attacks.items():
+            attacker = peers[name].peer_id
+            assert trust.rejects_by_peer[attacker][reason] >= 1, (name, dict(trust.rejects_by_peer[attacker]))
+            if name != "duplicate":
+                assert node.collector.accepted_by_peer[attacker] == 0, name
+        records = peers["records"]
+        sybil_reasons = ["malformed", "schema", "too_large", "version", "round_mismatch", "round_mismatch"]
+        for sybil, reason in zip(records.sybils, sybil_reasons):
+            sybil_id = peer_id_from_public_key(sybil.local_public_key[7:-1]).to_base58()
+            assert trust.rejects_by_peer[sybil_id][reason] >= 1, (reason, dict(trust.rejects_by_peer[sybil_id]))
+        assert trust.rejects_by_peer[records.peer_id]["owner_mismatch"] >= 1
+        assert trust.rejects["bad_signature"] >= 1
+        assert trust.rejects["flood"] >= 1
+        assert trust.rejects["banned_peer"] >= 1 and peers["malformed"].peer_id in trust.banned_peers
+        report[node.peer_id] = dict(trust.rejects)
+    assert "ignoring peer" in caplog.text
+    print("reject counts per honest node:", json.dumps(report, indent=1))
