@@ -118,6 +118,10 @@ class NetworkConfig(_Section):
     )
     swarm_name: str = Field("sapo", description="Namespace of the DHT keys; nodes only exchange within one swarm name.")
     num_shards: int = Field(8, ge=1, le=256, description="DHT keys per round that manifests are spread over.")
+    dht_replicas: int = Field(
+        10, ge=1, le=64, description="DHT nodes asked to store each manifest (hivemind num_replicas). More replicas "
+        "make every peer's manifest visible to every reader sooner, at one small store RPC per replica per round."
+    )
     publish_ttl_s: float = Field(600.0, gt=0, description="Lifetime of a published manifest in the DHT, seconds.")
     collect_timeout_s: float = Field(
         60.0,
@@ -127,11 +131,12 @@ class NetworkConfig(_Section):
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Deadline for fetching one peer's rollouts, seconds.")
     dht_timeout_s: float = Field(10.0, gt=0, description="Deadline for one DHT call, seconds.")
-    max_staleness_rounds: int = Field(
-        2, ge=0, description="Accept peers' groups published up to this many rounds before the node's own round."
+    max_staleness_s: float = Field(
+        300.0, gt=0, description="Use peers' rollouts published at most this long ago (DHT clock), seconds. Round "
+        "counters of different nodes are independent, so freshness is judged by time, not by round numbers."
     )
-    max_future_rounds: int = Field(
-        1, ge=0, description="Accept peers' groups published up to this many rounds after the node's own round."
+    max_clock_skew_s: float = Field(
+        30.0, ge=0, description="Reject manifests stamped further than this in the future (DHT clock), seconds."
     )
     max_payload_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Largest rollout payload accepted from one peer for one round, bytes."
@@ -161,6 +166,10 @@ class NodeConfig(_Section):
     linger_s: float = Field(
         0.0, ge=0, description="After the last round, keep serving rollouts to peers for this long, seconds."
     )
+    checkpoint_every_rounds: int = Field(
+        5, ge=0, description="Save a checkpoint every K rounds (and on a clean stop); 0 disables checkpoints and resume."
+    )
+    checkpoint_keep: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log lines as text or as JSON objects (for log collectors).")
     tasks: TaskConfig = Field(default_factory=TaskConfig)

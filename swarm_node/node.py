@@ -8,12 +8,14 @@ thread so peers are served while the node computes.
 One round (SAPO, arXiv 2509.08721, section 3; see shared/SAPO.md):
 1. draw I task specs from the node's own stream; 2. generate L completions per question in one batched call
 and score them with the strict verifier; 3. publish the groups (manifest in the DHT, payload over streams);
-4. collect peers' groups for rounds [r - max_staleness, r + max_future], re-create every question from its
-spec and re-score every completion locally, drop zero-advantage groups, sample J; 5. one GRPO step on
+4. collect peers' latest groups (fresh within `max_staleness_s` on the DHT clock), re-create every question from
+its spec and re-score every completion locally, drop zero-advantage groups, sample J; 5. one GRPO step on
 local + external groups; 6. append a line to metrics.jsonl.
 
-Each node keeps its own round counter and derives the DHT keys from it every round; peers at other rounds
-are accepted within the staleness window, so rounds need no global clock.
+Each node keeps its own round counter; it never has to agree with anyone else's (a node that restarts from a
+checkpoint or joins late simply continues its own count). DHT keys therefore hold no round number: readers
+read every peer's latest manifest and judge freshness by time, so rounds need no coordinator or global clock
+beyond hivemind's DHT time.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Callable
 
 import psutil
 
+from swarm_node.checkpoint import CheckpointStore
 from swarm_node.config import NodeConfig
 from swarm_node.errors import OperatorError
 from swarm_node.learning.sapo import Group
@@ -39,6 +42,7 @@ from swarm_node.network import wire
 from swarm_node.network.collector import Collector, group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
+from swarm_node.processes import reap_recorded, record_children
 
 log = logging.getLogger("swarm_node")
 
@@ -72,14 +76,15 @@ class Node:
         self.identity: Identity | None = None
         self.dht = None
         self.exchange: RolloutExchange | None = None
-        self.round = 0
+        self.round = 0  # rounds completed
+        self._saved_round = 0
         self.collector: Collector | None = None
         self._lock_fd: int | None = None
         self._children: list[psutil.Process] = []
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Load the identity, join the DHT, register the rollout stream, then load the model.
+        """Load the identity and the model, join the DHT, register the rollout stream, resume, announce readiness.
 
         Raises:
             IdentityError, NetworkError, ModelError, TaskError, ConfigError: operator mistakes, with a fix.
@@ -94,15 +99,20 @@ class Node:
         check_model_name(cfg.train.model)
         self.identity = load_or_create_identity(cfg.resolved_identity_path)
         self._lock_fd = lock_identity(self.identity.path)
+        reap_recorded(self.out_dir / "node.pids")  # survivors of a previous run killed with -9
         self.taskset = TaskSet(cfg.tasks.task_preset, cfg.tasks.tasks, cfg.tasks.num_fewshot,
                                cfg.tasks.task_seed, cfg.tasks.dataset_size)
-        await self._join_swarm()
         peer_id = self.identity.peer_id.to_base58()
         self.rng = random.Random(stream_seed(cfg.tasks.task_seed, peer_id))
-        self.collector = Collector(self.exchange, cfg.network, cfg.train, random.Random(cfg.train.seed),
-                                   lambda: self.validator.invalid_signatures)
         log.info("peer ID %s; loading model %s", peer_id, cfg.train.model)
         self.policy, self.trainer = await self._in_thread(self._load_model)
+        await self._join_swarm()  # after the model: a connected peer is a peer ready to publish
+        self.collector = Collector(self.exchange, cfg.network, cfg.train, random.Random(cfg.train.seed),
+                                   lambda: self.validator.invalid_signatures)
+        self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
+        await self._in_thread(self._resume)
+        # announce readiness: peers wait for the next round of every peer that has announced itself
+        await self.exchange.publish(self._payload(self.round, []))
         self._write_node_info()
 
     def _load_model(self):
@@ -129,6 +139,7 @@ class Node:
             client_mode=net.client_mode,
             record_validators=[self.validator],
             startup_timeout=net.startup_timeout_s,
+            num_replicas=net.dht_replicas,
         )
         if net.announce_maddrs:
             kwargs["announce_maddrs"] = net.announce_maddrs
@@ -139,9 +150,9 @@ class Node:
             raise NetworkError(self._explain_join_failure(e)) from None
         finally:
             self._children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            record_children(self.out_dir / "node.pids", self._children)
         p2p = await asyncio.wait_for(self.dht.replicate_p2p(), net.startup_timeout_s)
-        self.exchange = RolloutExchange(self.dht, p2p, self.validator, net,
-                                        keep_rounds=net.max_staleness_rounds + net.max_future_rounds + 4)
+        self.exchange = RolloutExchange(self.dht, p2p, self.validator, net)
         await self.exchange.start()
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
         if not net.initial_peers:
@@ -209,15 +220,12 @@ class Node:
         """Run rounds until `rounds` is reached or a stop is requested, then linger `linger_s` serving peers."""
         cfg = self.config
         metrics_path = self.out_dir / "metrics.jsonl"
-        if metrics_path.exists() and metrics_path.stat().st_size:
-            log.warning("starting at round 1: moving the previous %s to metrics.jsonl.prev", metrics_path)
-            os.replace(metrics_path, metrics_path.with_suffix(".jsonl.prev"))
         await self._wait_for_peers()
         while not self.stopping and (cfg.rounds == 0 or self.round < cfg.rounds):
-            self.round += 1
-            metrics = await self.run_round(self.round)
+            metrics = await self.run_round(self.round + 1)
             if metrics is None:
-                break
+                break  # stopped mid-round: the round did not happen, the counter stays
+            self.round += 1
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
                 f.flush()
@@ -228,12 +236,62 @@ class Node:
                 metrics["external_groups_used"], metrics["external_groups_available"], metrics["peers_seen"],
                 "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}", metrics["round_s"],
             )
+            if cfg.checkpoint_every_rounds and self.round % cfg.checkpoint_every_rounds == 0:
+                await self._in_thread(self._save_checkpoint)
+        if cfg.checkpoint_every_rounds and self.round > self._saved_round:
+            await self._in_thread(self._save_checkpoint)  # clean stop or last round
         if cfg.linger_s and not self.stopping:
             log.info("finished %d rounds; serving peers for %.0f s", self.round, cfg.linger_s)
             try:
                 await asyncio.wait_for(self._stop.wait(), cfg.linger_s)
             except asyncio.TimeoutError:
                 pass
+
+    def _state(self) -> dict[str, Any]:
+        import torch
+
+        return {"format": 1, "peer_id": self.peer_id, "policy_version": self.trainer.policy_version,
+                "model": self.policy.model.state_dict(), "optimizer": self.trainer.optimizer.state_dict(),
+                "task_rng": self.rng.getstate(), "sample_rng": self.collector.rng.getstate(),
+                "torch_rng": torch.get_rng_state()}
+
+    def _save_checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.round, self._state())
+        self._saved_round = self.round
+        log.info("saved checkpoint %s in %.1f s", path, time.perf_counter() - t0)
+
+    def _resume(self) -> None:
+        """Load the newest intact checkpoint, or start fresh. Metrics lines after the resume point are dropped,
+        so metrics.jsonl never has duplicated or missing rounds."""
+        import torch
+
+        metrics_path = self.out_dir / "metrics.jsonl"
+        state = self.checkpoints.load_latest(self.peer_id) if self.config.checkpoint_every_rounds else None
+        if state is None:
+            if metrics_path.exists() and metrics_path.stat().st_size:
+                log.warning("no checkpoint: starting at round 1 and moving the previous metrics to metrics.jsonl.prev")
+                os.replace(metrics_path, metrics_path.with_suffix(".jsonl.prev"))
+            return
+        self.policy.model.load_state_dict(state["model"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.policy_version = state["policy_version"]
+        self.rng.setstate(state["task_rng"])
+        self.collector.rng.setstate(state["sample_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.round = self._saved_round = state["round"]
+        kept = []
+        if metrics_path.exists():
+            for line in metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line)["round"] <= self.round:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    break  # a torn last line from the crash
+        tmp = metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics_path)
+        log.info("resumed from checkpoint at round %d (policy version %d)", self.round, self.trainer.policy_version)
 
     async def _wait_for_peers(self) -> None:
         net = self.config.network
@@ -259,12 +317,7 @@ class Node:
             return None
 
         t0 = time.perf_counter()
-        payload = wire.RolloutPayload(
-            version=wire.PROTOCOL_VERSION, peer_id=self.peer_id, round=r,
-            policy_version=self.trainer.policy_version, model=self.policy.name,
-            groups=[group_to_wire(g) for g in local],
-        )
-        published = await self.exchange.publish(payload)
+        published = await self.exchange.publish(self._payload(r, local))
         publish_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -315,6 +368,11 @@ class Node:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "time_s": time.time(),
         }
+
+    def _payload(self, r: int, groups: list[Group]) -> wire.RolloutPayload:
+        return wire.RolloutPayload(version=wire.PROTOCOL_VERSION, peer_id=self.peer_id, round=r,
+                                   policy_version=self.trainer.policy_version, model=self.policy.name,
+                                   groups=[group_to_wire(g) for g in groups])
 
     @property
     def peer_id(self) -> str:

@@ -47,7 +47,7 @@ class AnyKeySigner(RecordValidatorBase):
         return record.value
 
     def strip_value(self, record: DHTRecord) -> bytes:
-        return record.value
+        return self.validators[0].strip_value(record)  # drops any [signature:...] suffix
 
 
 def framed(data: bytes, announced: int | None = None) -> bytes:
@@ -61,6 +61,7 @@ class ScriptedPeer:
         self.payloads: dict[int, bytes] = {}
         self.serve: ServeFn | None = None
         self.fetches = 0
+        self.stores_ok = self.stores_failed = 0
 
     @classmethod
     async def create(cls, key_path: Path, initial_peers: list[str], swarm_name: str = "sapo",
@@ -74,7 +75,7 @@ class ScriptedPeer:
                        for i in range(extra_keys)]
         self.p2p = await P2P.create(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                     identity_path=str(identity.path), check_if_identity_free=False)
-        self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=initial_peers,
+        self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=initial_peers, num_replicas=20,
                                         record_validator=AnyKeySigner([self.validator, *self.sybils]))
         await self.p2p.add_binary_stream_handler(STREAM_PROTOCOL, self._handle)
         return self
@@ -102,8 +103,8 @@ class ScriptedPeer:
     # ------------------------------------------------------------------ publishing
     def manifest_for(self, round_: int, data: bytes, **override) -> wire.Manifest:
         fields = dict(version=wire.PROTOCOL_VERSION, peer_id=self.peer_id, round=round_, policy_version=0,
-                      model="scripted", num_groups=0, num_completions=0, payload_bytes=len(data),
-                      payload_sha256=wire.sha256(data), created_at_s=time.time())
+                      model="scripted", num_groups=1, num_completions=2, payload_bytes=len(data),
+                      payload_sha256=wire.sha256(data), created_at_s=get_dht_time())
         try:
             decoded = wire.decode_payload(data, 1 << 24)
             fields.update(num_groups=len(decoded.groups), num_completions=sum(len(g.completions) for g in decoded.groups))
@@ -112,19 +113,23 @@ class ScriptedPeer:
         fields.update(override)
         return wire.Manifest.model_construct(**fields)
 
-    async def store_manifest(self, round_: int, value: bytes, num_shards: int, *, as_peer: str | None = None,
-                             signer: RSASignatureValidator | None = None, key_round: int | None = None) -> bool:
+    async def store_manifest(self, value: bytes, num_shards: int, *, as_peer: str | None = None,
+                             signer: RSASignatureValidator | None = None) -> bool:
         """Store raw manifest bytes under the shard of `as_peer` (default: self), signed by `signer` (default: own key)."""
         signer = signer or self.validator
-        key = rollout_key(self.swarm_name, round_ if key_round is None else key_round,
-                          shard_of(as_peer or self.peer_id, num_shards))
-        return await self.dht.store(key, value, get_dht_time() + 300, subkey=signer.local_public_key)
+        key = rollout_key(self.swarm_name, shard_of(as_peer or self.peer_id, num_shards))
+        for _ in range(3):  # the test process is busy: retry a store that reached no replica
+            if await self.dht.store(key, value, get_dht_time() + 3600, subkey=signer.local_public_key):
+                self.stores_ok += 1
+                return True
+        self.stores_failed += 1
+        return False
 
     async def publish(self, round_: int, data: bytes, num_shards: int, **manifest_override) -> bool:
         """Serve `data` for the round and announce it with a (possibly doctored) manifest."""
         self.payloads[round_] = data
         manifest = self.manifest_for(round_, data, **manifest_override)
-        return await self.store_manifest(round_, wire.encode(manifest), num_shards)
+        return await self.store_manifest(wire.encode(manifest), num_shards)
 
 
 def honest_payload(peer_id: str, round_: int, taskset: TaskSet, indices: range, num_completions: int = 4,

@@ -57,7 +57,7 @@ def test_publish_poll_fetch_and_failures(tmp_path, reap_children):
             (dht_a, ex_a), (dht_b, ex_b), (dht_c, ex_c) = peers
             assert await ex_a.publish(payload(ex_a.peer_id, 1))
             assert await ex_c.publish(payload(ex_c.peer_id, 1, n_groups=3))
-            manifests, rejects = await ex_b.poll([1])
+            manifests, rejects = await ex_b.poll()
             assert sorted(m.peer_id for m in manifests) == sorted([ex_a.peer_id, ex_c.peer_id])
             assert rejects == []
             by_peer = {m.peer_id: m for m in manifests}
@@ -67,10 +67,15 @@ def test_publish_poll_fetch_and_failures(tmp_path, reap_children):
 
             # c signs a record with its own key but claims to be a: rejected as owner_mismatch
             forged = by_peer[ex_a.peer_id].model_copy(update={"round": 2})
-            key = rollout_key(config.swarm_name, 2, shard_of(ex_a.peer_id, config.num_shards))
+            key = rollout_key(config.swarm_name, shard_of(ex_a.peer_id, config.num_shards))
             assert dht_c.store(key, wire.encode(forged), get_dht_time() + 60, subkey=ex_c.validator.local_public_key)
-            _, rejects = await ex_b.poll([2])
+            manifests, rejects = await ex_b.poll()
             assert [(r.reason, r.peer_id) for r in rejects] == [("owner_mismatch", ex_c.peer_id)]
+            # the peer's next round replaces its previous manifest (one record per peer)
+            assert await ex_a.publish(payload(ex_a.peer_id, 2))
+            manifests, _ = await ex_b.poll()
+            assert {m.peer_id: m.round for m in manifests}[ex_a.peer_id] == 2
+            assert ex_b.bytes_in == by_peer[ex_a.peer_id].payload_bytes
 
             # announced hash does not match the bytes served
             bad_hash = by_peer[ex_a.peer_id].model_copy(update={"payload_sha256": b"\0" * 32})

@@ -1,7 +1,7 @@
 """The trust boundary: collecting peers' groups, verifying every value, and pooling what survives.
 
-For each manifest in the node's round window the collector fetches the payload (bounded in time and
-bytes), enforces the node's limits, re-creates every question from its task spec and re-scores every
+For each peer's latest manifest that is fresh on the DHT clock, the collector fetches the payload (bounded
+in time and bytes), enforces the node's limits, re-creates every question from its task spec and re-scores every
 completion with the local verifier, drops groups whose claimed rewards disagree with the verifier, and
 dedupes groups by content (a group re-published or copied from another peer counts once). Every drop is
 counted by reason in `PeerTrust`, which bans peers that keep violating the protocol. Nothing from a peer
@@ -21,6 +21,8 @@ from typing import Callable
 from swarm_node.config import NetworkConfig, TrainConfig
 from swarm_node.learning.sapo import Group, select_external
 from swarm_node.learning.tasks import RG_VERSION, TaskError, TaskSpec, recreate, score
+from hivemind.utils import get_dht_time
+
 from swarm_node.network import wire
 from swarm_node.network.exchange import FetchError, RolloutExchange
 from swarm_node.network.trust import PeerTrust
@@ -53,7 +55,7 @@ class Collector:
 
     Args:
         exchange: the node's rollout exchange.
-        network: network config (window, limits, timeouts, bans).
+        network: network config (freshness, limits, timeouts, bans).
         train: train config (J, zero-advantage filter).
         rng: random source for sampling J groups.
         invalid_signatures: callable returning the DHT validator's running count of bad signatures.
@@ -65,63 +67,85 @@ class Collector:
         self.trust = PeerTrust(network.ban_strikes, network.ban_cooldown_s)
         self._invalid_signatures = invalid_signatures
         self._signatures_counted = 0
-        self._pool: dict[tuple[str, int], list[Group]] = {}  # (peer ID, round) -> verified groups
-        self._seen_manifests: set[tuple[str, int]] = set()
-        self._flood_counted: set[tuple[str, int]] = set()
+        self._pool: dict[tuple[str, int], tuple[float, list[Group]]] = {}  # (peer, round) -> (received_at, groups)
+        self._seen_manifests: set[tuple[str, int, bytes]] = set()
+        self._flood_counted: set[tuple[str, int, bytes]] = set()
         self._announced_at: dict[tuple[str, int], float] = {}
         self._seen_bad_records: set[bytes] = set()
         self._seen_content: set = set()
         self._good_peers: set[str] = set()  # peers that delivered a valid payload before
+        self._failures: Counter[str] = Counter()  # fetches or payloads of a peer that gave us nothing
+        self._tries: Counter[str] = Counter()  # fetches attempted per peer
+        self.peers_announced: set[str] = set()  # every peer with a valid manifest seen so far
         self._used: set[int] = set()
         self.verify_s = 0.0
         self.verified_groups = 0
         self.accepted_by_peer: Counter[str] = Counter()  # groups that passed verification, per peer ID
 
-    def window(self, r: int) -> range:
-        return range(max(1, r - self.net.max_staleness_rounds), r + self.net.max_future_rounds + 1)
-
     async def collect(self, r: int, stopping: Callable[[], bool]) -> Collected:
-        """Gather verified groups until J usable ones are pooled, every peer seen has published round r, no peer
-        is connected, or `collect_timeout_s` passes; then sample J."""
-        window = self.window(r)
-        self._pool = {k: v for k, v in self._pool.items() if k[1] >= window.start}
+        """Gather verified groups from peers' latest manifests, then sample J.
+
+        Waits (polling every 0.5 s) until J usable groups are pooled, or every connected peer with a fresh manifest
+        has published something new during this call, or no peer is connected, or `collect_timeout_s` passes.
+        """
+        horizon = time.monotonic() - self.net.max_staleness_s
+        self._pool = {k: v for k, v in self._pool.items() if v[0] >= horizon}
         deadline = time.monotonic() + self.net.collect_timeout_s
-        latest_round: dict[str, int] = {}  # peer ID -> newest round it published in the window
         want = self.train.num_external_groups
-        fetched = 0
+        fetched, delivered, peers_seen = 0, set(), set()
         while True:
-            manifests, rejections = await self.exchange.poll(window)
+            manifests, rejections = await self.exchange.poll()
             for rej in rejections:
-                if rej.record_id not in self._seen_bad_records:
-                    self._seen_bad_records.add(rej.record_id)
-                    self.trust.reject(rej.reason, rej.peer_id, rej.detail)
+                self._reject_record_once(rej.record_id, rej.reason, rej.peer_id, rej.detail)
             self._count_bad_signatures()
-            for m in manifests:
-                latest_round[m.peer_id] = max(m.round, latest_round.get(m.peer_id, 0))
-            fresh = self._admit([m for m in manifests if (m.peer_id, m.round) not in self._seen_manifests],
-                                self.net.max_manifests_per_round - fetched)
+            self.peers_announced.update(m.peer_id for m in manifests)
+            manifests = [m for m in manifests if self._is_fresh(m)]
+            peers_seen.update(m.peer_id for m in manifests)
+            new = [m for m in manifests if (m.peer_id, m.round, m.payload_sha256) not in self._seen_manifests]
+            for m in new:
+                if m.num_groups == 0:  # a peer announcing itself ("hello"): nothing to fetch, wait for its round
+                    self._seen_manifests.add((m.peer_id, m.round, m.payload_sha256))
+            new = [m for m in new if m.num_groups > 0]
+            fresh = self._admit(new, self.net.max_manifests_per_round - fetched)
             fetched += len(fresh)
+            delivered.update(m.peer_id for m in fresh)
             if fresh:
                 payloads = await asyncio.gather(*(self._fetch(m) for m in fresh))
                 # verify in announcement order, so a copy published later never displaces the original
-                for payload in sorted(filter(None, payloads), key=lambda p: (p.round, self._announced_at[p.peer_id, p.round])):
+                for payload in sorted(filter(None, payloads), key=lambda p: self._announced_at[p.peer_id, p.round]):
                     self._verify_and_pool(payload)
             if want == 0 or len(self.usable()) >= want or stopping() or time.monotonic() >= deadline:
                 break
-            if latest_round and min(latest_round.values()) >= r:
-                break  # every peer has published this round: nothing new will come soon
-            if not await self.exchange.p2p.list_peers():  # alone: do not wait for nobody
-                break
+            live = {info.peer_id.to_base58() for info in await self.exchange.p2p.list_peers()}
+            waiting_for = {m.peer_id for m in manifests if m.peer_id in live and not self.trust.is_banned(m.peer_id)}
+            if not live or waiting_for <= delivered:
+                break  # alone, or every live peer already delivered its newest round
             await asyncio.sleep(0.5)
         usable = self.usable()
         chosen = select_external(usable, want, self.rng, self.train.filter_zero_advantage)
         self._used.update(id(g) for g in chosen)
-        return Collected(chosen, len(usable), len(latest_round))
+        return Collected(chosen, len(usable), len(peers_seen))
+
+    def _is_fresh(self, m: wire.Manifest) -> bool:
+        """Freshness on the DHT clock (all peers share it within seconds): neither stale nor from the future."""
+        age_s = get_dht_time() - m.created_at_s
+        if age_s > self.net.max_staleness_s:
+            self._reject_record_once(b"stale" + m.payload_sha256 + m.peer_id.encode(), "stale", m.peer_id)
+            return False
+        if age_s < -self.net.max_clock_skew_s:
+            self._reject_record_once(b"future" + m.payload_sha256 + m.peer_id.encode(), "future", m.peer_id)
+            return False
+        return True
+
+    def _reject_record_once(self, record_id: bytes, reason: str, peer_id: str | None, detail: str = "") -> None:
+        if record_id not in self._seen_bad_records:  # a record is read again on every poll: count it once
+            self._seen_bad_records.add(record_id)
+            self.trust.reject(reason, peer_id, detail)
 
     def usable(self) -> list[Group]:
-        """Verified, not yet used groups in the window (with signal, if the zero-advantage filter is on)."""
+        """Verified, not yet used, not stale groups (with signal, if the zero-advantage filter is on)."""
         keep_all = not self.train.filter_zero_advantage
-        return [g for groups in self._pool.values() for g in groups
+        return [g for _, groups in self._pool.values() for g in groups
                 if (keep_all or g.has_signal) and id(g) not in self._used]
 
     def _count_bad_signatures(self) -> None:
@@ -131,20 +155,23 @@ class Collector:
         self._signatures_counted = total
 
     def _admit(self, manifests: list[wire.Manifest], budget: int) -> list[wire.Manifest]:
-        """Skip banned peers and admit at most `budget` new manifests, peers that delivered before first.
+        """Skip banned peers and admit at most `budget` new manifests: peers that delivered valid data before first,
+        then by how often a peer failed us, then least tried first, ties broken at random.
 
         Manifests over the budget stay unseen, so they can be admitted in a later poll or round; each is counted
         once as `flood`. A Sybil flood therefore delays newcomers but cannot starve known-good peers.
         """
         admitted = []
-        manifests = sorted(manifests, key=lambda m: (m.peer_id not in self._good_peers, self.rng.random()))
+        manifests = sorted(manifests, key=lambda m: (
+            m.peer_id not in self._good_peers, self._failures[m.peer_id], self._tries[m.peer_id], self.rng.random()))
         for m in manifests:
-            key = (m.peer_id, m.round)
+            key = (m.peer_id, m.round, m.payload_sha256)
             if self.trust.is_banned(m.peer_id):
                 self._seen_manifests.add(key)
                 self.trust.reject("banned_peer", None)
             elif len(admitted) < budget:
                 self._seen_manifests.add(key)
+                self._tries[m.peer_id] += 1
                 admitted.append(m)
             elif key not in self._flood_counted:
                 self._flood_counted.add(key)
@@ -156,6 +183,7 @@ class Collector:
         try:
             return await self.exchange.fetch(manifest, self.net.max_payload_bytes)
         except FetchError as e:
+            self._failures[manifest.peer_id] += 1
             self.trust.reject(e.reason, manifest.peer_id, str(e))
             log.debug("dropped payload of %s round %d: %s", manifest.peer_id, manifest.round, e)
             return None
@@ -164,9 +192,11 @@ class Collector:
         t0 = time.perf_counter()
         groups = self.verify_payload(payload)
         self.verify_s += time.perf_counter() - t0
-        if groups is not None:
+        if groups:
             self._good_peers.add(payload.peer_id)
-            self._pool[(payload.peer_id, payload.round)] = groups
+            self._pool[(payload.peer_id, payload.round)] = (time.monotonic(), groups)
+        else:
+            self._failures[payload.peer_id] += 1
 
     def verify_payload(self, payload: wire.RolloutPayload) -> list[Group] | None:
         """Limits, re-creation, re-scoring and dedupe. Returns the surviving groups, or None if the whole payload

@@ -5,9 +5,12 @@ vanishes above the cap, lives only in RAM on several replicas and crashed hivemi
 So the DHT holds only a small per-peer, per-round `Manifest`, and the rollout bytes move peer-to-peer over
 a libp2p stream, checked against the manifest's size and sha256.
 
-DHT layout (protocols/PROTOCOL.md): key `"{swarm}/v1/rollouts/{round}/{shard}"`, shard = first byte of
+DHT layout (protocols/PROTOCOL.md): key `"{swarm}/v1/rollouts/{shard}"`, shard = first byte of
 sha256(peer ID) mod num_shards, subkey = the publisher's owner marker `[owner:<RSA public key>]`, value =
-msgpack Manifest signed by RSASignatureValidator. Sharding keeps every DHT value small at 64+ peers.
+msgpack Manifest of the publisher's *latest* round, signed by RSASignatureValidator. Every node keeps its own
+round counter, and counters of nodes that joined at different times differ by any amount, so keys never
+contain a round: a reader reads each peer's latest manifest and judges freshness on the DHT clock. Sharding
+keeps every DHT value small at 64+ peers.
 
 Every failure of a peer is a normal return value here: `fetch` raises `FetchError(reason)` which the node
 counts; nothing from a peer is trusted before `wire.decode_*` and the node's re-scoring.
@@ -21,9 +24,7 @@ import hashlib
 import logging
 import multiprocessing
 import re
-import time
 from collections import OrderedDict
-from typing import Iterable
 
 from hivemind import DHT
 from hivemind.utils import get_dht_time
@@ -94,8 +95,8 @@ class CountingSignatureValidator(RSASignatureValidator):
         return self._invalid.value
 
 
-def rollout_key(swarm_name: str, round_: int, shard: int) -> str:
-    return f"{swarm_name}/v{wire.PROTOCOL_MAJOR}/rollouts/{round_}/{shard}"
+def rollout_key(swarm_name: str, shard: int) -> str:
+    return f"{swarm_name}/v{wire.PROTOCOL_MAJOR}/rollouts/{shard}"
 
 
 def shard_of(peer_id: str, num_shards: int) -> int:
@@ -149,9 +150,9 @@ class RolloutExchange:
             num_completions=sum(len(g.completions) for g in payload.groups),
             payload_bytes=len(data),
             payload_sha256=wire.sha256(data),
-            created_at_s=time.time(),
+            created_at_s=get_dht_time(),
         )
-        key = rollout_key(self.config.swarm_name, payload.round, shard_of(self.peer_id, self.config.num_shards))
+        key = rollout_key(self.config.swarm_name, shard_of(self.peer_id, self.config.num_shards))
         future = self.dht.store(
             key, wire.encode(manifest), get_dht_time() + self.config.publish_ttl_s,
             subkey=self.validator.local_public_key, return_future=True,
@@ -182,20 +183,19 @@ class RolloutExchange:
             writer.close()
 
     # ------------------------------------------------------------------ collecting
-    async def poll(self, rounds: Iterable[int]) -> tuple[list[wire.Manifest], list[Rejection]]:
-        """Read every shard of the given rounds.
+    async def poll(self) -> tuple[list[wire.Manifest], list[Rejection]]:
+        """Read every shard: the latest manifest of every peer.
 
         Returns (valid manifests of other peers, rejected records). A rejection names the signer's peer ID when
         the record carried a well-formed owner marker (the signature itself was checked by hivemind).
         """
-        rounds = list(rounds)
-        keys = [(r, rollout_key(self.config.swarm_name, r, s)) for r in rounds for s in range(self.config.num_shards)]
-        results = await asyncio.gather(*(self._get(k) for _, k in keys))
+        keys = [rollout_key(self.config.swarm_name, s) for s in range(self.config.num_shards)]
+        results = await asyncio.gather(*(self._get(k) for k in keys))
         manifests, rejections = [], []
-        for (key_round, _), result in zip(keys, results):
+        for result in results:
             for subkey, item in (result or {}).items():
                 try:
-                    manifest = self._check_record(subkey, item.value, key_round)
+                    manifest = self._check_record(subkey, item.value)
                 except RecordError as e:
                     record_id = hashlib.sha256(repr(subkey).encode() + repr(item.value).encode()).digest()
                     rejections.append(Rejection(e.reason, e.signer, e.detail, record_id))
@@ -215,8 +215,8 @@ class RolloutExchange:
         return found.value
 
     @staticmethod
-    def _check_record(subkey, value, key_round: int) -> wire.Manifest:
-        """Decode a manifest; its owner key must derive the claimed peer ID and its round match the key. Raises RecordError."""
+    def _check_record(subkey, value) -> wire.Manifest:
+        """Decode a manifest whose owner key must derive the claimed peer ID. Raises RecordError."""
         owners = _OWNER_RE.findall(subkey) if isinstance(subkey, bytes) else []
         if len(owners) != 1:
             raise RecordError("unsigned", None, "record has no owner marker")
@@ -232,8 +232,6 @@ class RolloutExchange:
             raise RecordError(e.reason, signer, e.detail) from None
         if signer != manifest.peer_id:
             raise RecordError("owner_mismatch", signer, f"record signed by {signer} claims {manifest.peer_id}")
-        if manifest.round != key_round:
-            raise RecordError("round_mismatch", signer, f"manifest round {manifest.round} under key round {key_round}")
         return manifest
 
     async def fetch(self, manifest: wire.Manifest, max_payload_bytes: int) -> wire.RolloutPayload:

@@ -88,8 +88,10 @@ def lock_identity(path: Path) -> int:
 
     fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        # a POSIX record lock, not flock: forked children (hivemind's DHT process) do not inherit it, so the
+        # lock dies with this process even when its children outlive a kill -9
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         os.close(fd)
         raise IdentityError(
             f"identity {path} is already used by a running node; stop that node or pass another --identity-path"

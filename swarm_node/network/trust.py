@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 # Reasons that prove the sender broke the protocol (attributable, never produced by an honest peer).
 VIOLATIONS = frozenset({
     "malformed", "schema", "version", "too_large", "hash_mismatch", "size_mismatch", "manifest_mismatch",
-    "round_mismatch", "bad_task_spec", "reward_mismatch", "owner_mismatch", "over_limit",
+    "bad_task_spec", "reward_mismatch", "owner_mismatch", "over_limit",
 })
 
 
