@@ -1,4 +1,4 @@
-"""Command line: `swarm-node run`, `swarm-node swarm`, `swarm-node config-doc`.
+"""Command line: `swarm-node run`, `swarm`, `status`, `report`, `config-doc`.
 
 Flags are generated from the config tree (one flag per setting, same name as the field), and heavy
 libraries (torch, transformers, hivemind) are imported only after the arguments are parsed, so `--help`
@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.add_argument("--rounds", type=int, default=3, help="rounds each node runs before the swarm stops")
     swarm.add_argument("--output-dir", default="runs/swarm", help="directory holding node0/, node1/, ...")
     _add_config_flags(swarm, skip=SWARM_ONLY)
+
+    status = sub.add_parser("status", help="show running nodes' state (from their /status endpoint)")
+    status.add_argument("target", help="a node's or a local swarm's output directory, or http://HOST:PORT")
+
+    report = sub.add_parser("report", help="plots and a summary from metrics.jsonl files")
+    report.add_argument("output_dir", help="a node's or a local swarm's output directory")
+    report.add_argument("--report-dir", default=None, help="where to write (default OUTPUT_DIR/report)")
 
     sub.add_parser("config-doc", help="print the reference of every setting (markdown)")
     return parser
@@ -124,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         print(config_reference())
         return 0
     try:
+        if args.command == "status":
+            from swarm_node.status import render
+
+            render(args.target)
+            return 0
+        if args.command == "report":
+            from pathlib import Path
+
+            from swarm_node.report import write_report
+
+            print(f"wrote {write_report(Path(args.output_dir), args.report_dir and Path(args.report_dir))}")
+            return 0
         if args.command == "run":
             config = load_config(args.config, _overrides(args))
             setup_logging(config.log_level, config.log_format)

@@ -91,6 +91,10 @@ class TrainConfig(_Section):
         "about 3.9 GB with 4 and 6.3 GB with 16 (measured, 2 threads)."
     )
     advantage_eps: float = Field(1e-6, gt=0, description="Epsilon in (r - mean) / (std + eps).")
+    memory_limit_mb: int = Field(
+        0, ge=0, description="Memory the node may use, MB; 0 means the RAM available at start-up. A configuration "
+        "whose estimate exceeds it fails at start-up with what to change."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Autocast dtype: auto = bf16 on CUDA or CPUs with AVX512-bf16/AMX, else fp32."
     )
@@ -155,6 +159,7 @@ class NetworkConfig(_Section):
     max_completion_chars: int = Field(4096, ge=1, le=8192, description="Characters accepted per peer completion.")
     ban_strikes: int = Field(3, ge=1, description="Protocol violations after which a peer is ignored.")
     ban_cooldown_s: float = Field(600.0, ge=0, description="How long a peer is ignored after a ban, seconds.")
+    startup_retries: int = Field(2, ge=0, description="Extra attempts to start the p2p daemon and DHT after a failure.")
     startup_timeout_s: float = Field(30.0, gt=0, description="Deadline for the p2p daemon and DHT to start, seconds.")
 
 
@@ -166,6 +171,12 @@ class NodeConfig(_Section):
     linger_s: float = Field(
         0.0, ge=0, description="After the last round, keep serving rollouts to peers for this long, seconds."
     )
+    metrics_host: str = Field("127.0.0.1", description="Address of the /metrics, /healthz and /status endpoint.")
+    metrics_port: int = Field(
+        0, ge=-1, le=65535, description="Port of the /metrics, /healthz and /status endpoint: 0 picks a free port "
+        "(written to node.json as metrics_url), -1 turns the endpoint off."
+    )
+    health_stall_s: float = Field(900.0, gt=0, description="/healthz reports a stuck node after this long without a finished round, seconds.")
     checkpoint_every_rounds: int = Field(
         5, ge=0, description="Save a checkpoint every K rounds (and on a clean stop); 0 disables checkpoints and resume."
     )

@@ -109,6 +109,7 @@ class LocalSwarm:
         for i in range(1, self.num_nodes):
             peer = self._wait_for_info(i)
             console.print(f"node{i} {peer['peer_id']} joined")
+        console.print(f"watch it live: swarm-node status {self.out}   (metrics: {info.get('metrics_url')}/metrics)")
 
     def _read_metrics(self, i: int) -> list[dict[str, Any]]:
         path = self.node_dir(i) / "metrics.jsonl"

@@ -43,6 +43,7 @@ from swarm_node.network.collector import Collector, group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 from swarm_node.processes import reap_recorded, record_children
+from swarm_node.telemetry import Telemetry
 
 log = logging.getLogger("swarm_node")
 
@@ -81,6 +82,10 @@ class Node:
         self.collector: Collector | None = None
         self._lock_fd: int | None = None
         self._children: list[psutil.Process] = []
+        self.telemetry = Telemetry(config.health_stall_s)
+        logging.getLogger("swarm_node").addHandler(self.telemetry.problem)
+        self.metrics_url: str | None = None
+        self._lag_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -97,6 +102,7 @@ class Node:
         from swarm_node.learning.models import check_model_name
 
         check_model_name(cfg.train.model)
+        self._check_memory()
         self.identity = load_or_create_identity(cfg.resolved_identity_path)
         self._lock_fd = lock_identity(self.identity.path)
         reap_recorded(self.out_dir / "node.pids")  # survivors of a previous run killed with -9
@@ -111,9 +117,25 @@ class Node:
                                    lambda: self.validator.invalid_signatures)
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
         await self._in_thread(self._resume)
+        self._start_telemetry()
         # announce readiness: peers wait for the next round of every peer that has announced itself
         await self.exchange.publish(self._payload(self.round, []))
         self._write_node_info()
+
+    def _check_memory(self) -> None:
+        from swarm_node.learning.models import ModelError, estimate_memory_mb
+
+        t = self.config.train
+        need_mb = estimate_memory_mb(t.model, t.micro_batch_size, t.num_local_groups * t.num_completions,
+                                     t.max_new_tokens)
+        limit_mb = t.memory_limit_mb or psutil.virtual_memory().available / 2**20
+        if need_mb > limit_mb:
+            raise ModelError(
+                f"this configuration needs about {need_mb / 1024:.1f} GB but {limit_mb / 1024:.1f} GB is available: "
+                "lower --micro-batch-size, --num-local-groups x --num-completions or --max-new-tokens, or use a "
+                "smaller --model"
+            )
+        log.info("memory estimate %.1f GB of %.1f GB available", need_mb / 1024, limit_mb / 1024)
 
     def _load_model(self):
         from swarm_node.learning.models import load_policy
@@ -144,13 +166,22 @@ class Node:
         if net.announce_maddrs:
             kwargs["announce_maddrs"] = net.announce_maddrs
         before = {p.pid for p in psutil.Process().children(recursive=True)}
-        try:
-            self.dht = await asyncio.get_running_loop().run_in_executor(None, lambda: DHT(start=True, **kwargs))
-        except Exception as e:
-            raise NetworkError(self._explain_join_failure(e)) from None
-        finally:
-            self._children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-            record_children(self.out_dir / "node.pids", self._children)
+        for attempt in range(net.startup_retries + 1):
+            try:
+                self.dht = await asyncio.get_running_loop().run_in_executor(None, lambda: DHT(start=True, **kwargs))
+                break
+            except Exception as e:
+                message = self._explain_join_failure(e)
+                leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+                for proc in leftovers:
+                    proc.kill()
+                psutil.wait_procs(leftovers, timeout=5)
+                if attempt == net.startup_retries or "bootstrap" in message or "in use" in message:
+                    raise NetworkError(message) from None
+                log.warning("joining failed (attempt %d of %d): %s; retrying", attempt + 1, net.startup_retries + 1,
+                            message)
+        self._children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        record_children(self.out_dir / "node.pids", self._children)
         p2p = await asyncio.wait_for(self.dht.replicate_p2p(), net.startup_timeout_s)
         self.exchange = RolloutExchange(self.dht, p2p, self.validator, net)
         await self.exchange.start()
@@ -175,9 +206,29 @@ class Node:
                     "raise --startup-timeout-s or check that hivemind's p2pd binary runs on this machine")
         return f"could not join the swarm: {text.strip()[:300]}"
 
+    def _start_telemetry(self) -> None:
+        cfg = self.config
+        self.telemetry.info.update(peer_id=self.peer_id, multiaddrs=self.maddrs, model=self.policy.name,
+                                   output_dir=str(self.out_dir), round=self.round)
+        if cfg.metrics_port < 0:
+            return
+        try:
+            port = self.telemetry.serve(cfg.metrics_host, cfg.metrics_port)
+        except OSError as e:
+            raise NetworkError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port} ({e.strerror}); "
+                               "pass another --metrics-port, 0 for a free one, or -1 to turn it off") from None
+        self.metrics_url = f"http://{cfg.metrics_host}:{port}"
+        log.info("metrics, health and status at %s/metrics /healthz /status", self.metrics_url)
+
+    async def _measure_loop_lag(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(1.0)
+            self.telemetry.loop_lag_s.set(max(0.0, time.perf_counter() - t0 - 1.0))
+
     def _write_node_info(self) -> None:
         info = {"peer_id": self.identity.peer_id.to_base58(), "multiaddrs": self.maddrs, "pid": os.getpid(),
-                "model": self.policy.name, "output_dir": str(self.out_dir)}
+                "model": self.policy.name, "output_dir": str(self.out_dir), "metrics_url": self.metrics_url}
         tmp = self.out_dir / "node.json.tmp"
         tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp, self.out_dir / "node.json")
@@ -192,6 +243,11 @@ class Node:
 
     async def stop(self) -> None:
         """Leave the swarm and reap every child process (DHT process and p2pd daemons) by PID."""
+        self.telemetry.mark("stopping")
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+        self.telemetry.close()
+        logging.getLogger("swarm_node").removeHandler(self.telemetry.problem)
         if self.exchange is not None:
             try:
                 await asyncio.wait_for(self.exchange.stop(), 5)
@@ -220,7 +276,9 @@ class Node:
         """Run rounds until `rounds` is reached or a stop is requested, then linger `linger_s` serving peers."""
         cfg = self.config
         metrics_path = self.out_dir / "metrics.jsonl"
+        self._lag_task = asyncio.create_task(self._measure_loop_lag(), name="event-loop-lag")
         await self._wait_for_peers()
+        self.telemetry.mark("running")
         while not self.stopping and (cfg.rounds == 0 or self.round < cfg.rounds):
             metrics = await self.run_round(self.round + 1)
             if metrics is None:
@@ -236,11 +294,15 @@ class Node:
                 metrics["external_groups_used"], metrics["external_groups_available"], metrics["peers_seen"],
                 "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}", metrics["round_s"],
             )
+            self.telemetry.observe_round(metrics, sum(self.collector.accepted_by_peer.values()))
+            self.telemetry.info.update(round=self.round, policy_version=metrics["policy_version"],
+                                       banned_peers=metrics["banned_peers"])
             if cfg.checkpoint_every_rounds and self.round % cfg.checkpoint_every_rounds == 0:
                 await self._in_thread(self._save_checkpoint)
         if cfg.checkpoint_every_rounds and self.round > self._saved_round:
             await self._in_thread(self._save_checkpoint)  # clean stop or last round
         if cfg.linger_s and not self.stopping:
+            self.telemetry.mark("lingering")
             log.info("finished %d rounds; serving peers for %.0f s", self.round, cfg.linger_s)
             try:
                 await asyncio.wait_for(self._stop.wait(), cfg.linger_s)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -105,6 +106,20 @@ def test_churn_kill9_bootstrap_death_restart_and_late_joiner(tmp_path):
         infos = {name: p.info() for name, p in nodes.items()}
         for p in nodes.values():
             p.wait_rounds(2)
+
+        # 0. a live swarm can be watched: /healthz, /metrics and `swarm-node status` on the swarm directory
+        url = infos["n1"]["metrics_url"]
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
+            assert response.status == 200 and json.loads(response.read())["ok"] is True
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        assert "swarm_node_rounds_total" in text and 'swarm_node_groups_total{kind="used"}' in text
+        assert "swarm_node_event_loop_lag_seconds" in text
+        status = subprocess.run([sys.executable, "-m", "swarm_node.cli", "status", str(tmp_path)],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+        assert status.returncode == 0, status.stderr
+        for info in infos.values():
+            assert info["peer_id"][:12] in status.stdout
 
         # 1. kill -9 one node mid-round: the others keep training
         n2 = nodes["n2"]

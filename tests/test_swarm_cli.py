@@ -36,6 +36,11 @@ def test_local_swarm_of_three_exchanges_rollouts_and_cleans_up(tmp_path):
         assert rows[-1]["peers_seen"] == 2
         assert rows[-1]["bytes_in"] > 0 and rows[-1]["rejected"] == {}
     assert len(peer_ids) == 3
+    report = subprocess.run([sys.executable, "-m", "swarm_node.cli", "report", str(out)], capture_output=True,
+                            text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    assert (out / "report" / "reward.png").read_bytes()[:4] == b"\x89PNG"
+    assert "node2" in (out / "report" / "summary.md").read_text()
     # nothing left running: no node process, and nothing in the nodes' sessions (DHT processes, p2pd)
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
