@@ -86,6 +86,9 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    from swarm_node import progress
+
+    progress.enable(fmt)
     if level != "DEBUG":
         logging.getLogger("hivemind").setLevel(logging.WARNING)
 

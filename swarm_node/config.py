@@ -117,6 +117,10 @@ class NetworkConfig(_Section):
         default_factory=list, description="Multiaddrs to announce to peers (public address behind NAT/port mapping)."
     )
     client_mode: bool = Field(False, description="Do not accept incoming connections (for nodes behind NAT).")
+    use_relay: bool = Field(True, description="Allow reaching peers behind NAT through libp2p circuit relays.")
+    use_auto_relay: bool = Field(
+        False, description="Look for relays to become reachable when this node is behind NAT/firewall (libp2p AutoRelay)."
+    )
     identity_path: str = Field(
         "", description="Private key file of the node's peer ID; created on first run. Empty: <output_dir>/identity.key."
     )

@@ -42,7 +42,8 @@ from swarm_node.network import wire
 from swarm_node.network.collector import Collector, group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
-from swarm_node.processes import reap_recorded, record_children
+from swarm_node import progress
+from swarm_node.processes import kill_and_wait, reap_recorded, record_children
 from swarm_node.telemetry import Telemetry
 
 log = logging.getLogger("swarm_node")
@@ -111,12 +112,14 @@ class Node:
         peer_id = self.identity.peer_id.to_base58()
         self.rng = random.Random(stream_seed(cfg.tasks.task_seed, peer_id))
         log.info("peer ID %s; loading model %s", peer_id, cfg.train.model)
-        self.policy, self.trainer = await self._in_thread(self._load_model)
+        with progress.task(f"loading model {cfg.train.model}"):
+            self.policy, self.trainer = await self._in_thread(self._load_model)
         await self._join_swarm()  # after the model: a connected peer is a peer ready to publish
         self.collector = Collector(self.exchange, cfg.network, cfg.train, random.Random(cfg.train.seed),
                                    lambda: self.validator.invalid_signatures)
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
-        await self._in_thread(self._resume)
+        with progress.task("loading the latest checkpoint"):
+            await self._in_thread(self._resume)
         self._start_telemetry()
         # announce readiness: peers wait for the next round of every peer that has announced itself
         await self.exchange.publish(self._payload(self.round, []))
@@ -162,6 +165,8 @@ class Node:
             record_validators=[self.validator],
             startup_timeout=net.startup_timeout_s,
             num_replicas=net.dht_replicas,
+            use_relay=net.use_relay,
+            use_auto_relay=net.use_auto_relay,
         )
         if net.announce_maddrs:
             kwargs["announce_maddrs"] = net.announce_maddrs
@@ -172,10 +177,7 @@ class Node:
                 break
             except Exception as e:
                 message = self._explain_join_failure(e)
-                leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-                for proc in leftovers:
-                    proc.kill()
-                psutil.wait_procs(leftovers, timeout=5)
+                kill_and_wait([p for p in psutil.Process().children(recursive=True) if p.pid not in before], grace_s=0)
                 if attempt == net.startup_retries or "bootstrap" in message or "in use" in message:
                     raise NetworkError(message) from None
                 log.warning("joining failed (attempt %d of %d): %s; retrying", attempt + 1, net.startup_retries + 1,
@@ -256,13 +258,7 @@ class Node:
         if self.dht is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)
         self._children += [p for p in psutil.Process().children(recursive=True) if p not in self._children]
-        gone, alive = psutil.wait_procs(self._children, timeout=3)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=3)
+        kill_and_wait(self._children, grace_s=3)
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -298,9 +294,11 @@ class Node:
             self.telemetry.info.update(round=self.round, policy_version=metrics["policy_version"],
                                        banned_peers=metrics["banned_peers"])
             if cfg.checkpoint_every_rounds and self.round % cfg.checkpoint_every_rounds == 0:
-                await self._in_thread(self._save_checkpoint)
+                with progress.task(f"saving checkpoint of round {self.round}"):
+                    await self._in_thread(self._save_checkpoint)
         if cfg.checkpoint_every_rounds and self.round > self._saved_round:
-            await self._in_thread(self._save_checkpoint)  # clean stop or last round
+            with progress.task(f"saving checkpoint of round {self.round}"):
+                await self._in_thread(self._save_checkpoint)  # clean stop or last round
         if cfg.linger_s and not self.stopping:
             self.telemetry.mark("lingering")
             log.info("finished %d rounds; serving peers for %.0f s", self.round, cfg.linger_s)
@@ -373,7 +371,8 @@ class Node:
         t_round = time.perf_counter()
         specs = [self.taskset.draw(self.rng) for _ in range(cfg.num_local_groups)]
         t0 = time.perf_counter()
-        local, tokens_generated, format_rate = await self._in_thread(self._generate_local, r, specs)
+        with progress.task(f"round {r}: generating {cfg.num_local_groups} x {cfg.num_completions} completions"):
+            local, tokens_generated, format_rate = await self._in_thread(self._generate_local, r, specs)
         generate_s = time.perf_counter() - t0
         if self.stopping:
             return None
@@ -390,7 +389,8 @@ class Node:
             return None
 
         t0 = time.perf_counter()
-        stats = await self._in_thread(self.trainer.step, local + external)
+        with progress.task(f"round {r}: GRPO step on {len(local) + len(external)} groups"):
+            stats = await self._in_thread(self.trainer.step, local + external)
         train_s = time.perf_counter() - t0
 
         local_rewards = [x for g in local for x in g.rewards]

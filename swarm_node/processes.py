@@ -44,14 +44,28 @@ def reap_recorded(path: Path) -> int:
                 victims.append(proc)
         except (psutil.NoSuchProcess, KeyError, TypeError):
             continue
-    for proc in victims:
+    names = sorted({_name(p) for p in victims})
+    kill_and_wait(victims, grace_s=0)
+    if victims:
+        log.warning("killed %d processes (%s) left running by a previous run of this node", len(victims),
+                    ", ".join(names))
+    path.unlink(missing_ok=True)
+    return len(victims)
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name()
+    except psutil.NoSuchProcess:
+        return "exited"
+
+
+def kill_and_wait(procs: list[psutil.Process], grace_s: float = 3.0, timeout_s: float = 5.0) -> None:
+    """Give processes `grace_s` to exit on their own, then SIGKILL the rest and wait for them."""
+    _, alive = psutil.wait_procs(procs, timeout=grace_s) if grace_s > 0 else ([], procs)
+    for proc in alive:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(victims, timeout=5)
-    if victims:
-        log.warning("killed %d processes (%s) left running by a previous run of this node",
-                    len(victims), ", ".join(sorted({p.name() if p.is_running() else "exited" for p in victims})))
-    path.unlink(missing_ok=True)
-    return len(victims)
+    psutil.wait_procs(alive, timeout=timeout_s)

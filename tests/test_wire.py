@@ -78,3 +78,21 @@ def test_payload_over_limit_rejected_before_parsing():
     with pytest.raises(wire.WireError) as e:
         wire.decode_payload(data, len(data) - 1)
     assert e.value.reason == "too_large"
+
+
+def test_signed_records_of_64_peers_fit_far_below_the_dht_message_cap():
+    """Layout check for 64+ peers: one DHT value holds every subkey of a shard key."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.validation import DHTRecord
+
+    validator = RSASignatureValidator()
+    m = wire.Manifest(version=wire.PROTOCOL_VERSION, peer_id="Qm" + "x" * 44, round=2**40, policy_version=2**40,
+                      model="m" * 128, num_groups=64, num_completions=4096, payload_bytes=2**32,
+                      payload_sha256=b"\xff" * 32, created_at_s=1.8e9)
+    value = wire.encode(m)
+    record = DHTRecord(key=b"k" * 20, subkey=validator.local_public_key, value=value, expiration_time=1.8e9)
+    signed = validator.sign_value(record)
+    per_peer = len(signed) + len(validator.local_public_key)
+    assert per_peer < 1400
+    peers, shards, dht_cap = 64, 8, 4 * 1024 * 1024
+    assert peers / shards * per_peer < dht_cap / 100  # ~11 KiB per value vs a 4 MiB cap
