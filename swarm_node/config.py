@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from swarm_node.errors import OperatorError
 
 ENV_PREFIX = "SWARM_NODE_"
+RESERVED_ENV = {"SWARM_NODE_CONFIG", "SWARM_NODE_CACHE"}  # not settings: the config file and the model cache
 
 
 class ConfigError(OperatorError):
@@ -87,8 +88,8 @@ class TrainConfig(_Section):
     kl_coef: float = Field(0.0, ge=0, description="KL penalty weight against a frozen reference model; 0 loads no reference.")
     steps_per_round: int = Field(1, ge=1, description="Optimizer steps per round on the same batch (clip matters when > 1).")
     micro_batch_size: int = Field(
-        4, ge=1, description="Sequences per forward/backward micro-batch. Peak memory knob: SmolLM2 peaks at "
-        "about 3.9 GB with 4 and 6.3 GB with 16 (measured, 2 threads)."
+        4, ge=1, description="Sequences per forward/backward micro-batch. Peak memory knob: a SmolLM2 node peaked "
+        "at 4.9-5.2 GB RSS with 4 and 6.3 GB with 16 (measured)."
     )
     advantage_eps: float = Field(1e-6, gt=0, description="Epsilon in (r - mean) / (std + eps).")
     memory_limit_mb: int = Field(
@@ -116,7 +117,10 @@ class NetworkConfig(_Section):
     announce_maddrs: list[str] = Field(
         default_factory=list, description="Multiaddrs to announce to peers (public address behind NAT/port mapping)."
     )
-    client_mode: bool = Field(False, description="Do not accept incoming connections (for nodes behind NAT).")
+    client_mode: bool = Field(
+        False, description="Run the DHT in client mode (serve no DHT requests), for nodes behind NAT; the node still "
+        "serves its rollouts to peers that can reach it."
+    )
     use_relay: bool = Field(True, description="Allow reaching peers behind NAT through libp2p circuit relays.")
     use_auto_relay: bool = Field(
         False, description="Look for relays to become reachable when this node is behind NAT/firewall (libp2p AutoRelay)."
@@ -125,7 +129,7 @@ class NetworkConfig(_Section):
         "", description="Private key file of the node's peer ID; created on first run. Empty: <output_dir>/identity.key."
     )
     swarm_name: str = Field("sapo", description="Namespace of the DHT keys; nodes only exchange within one swarm name.")
-    num_shards: int = Field(8, ge=1, le=256, description="DHT keys per round that manifests are spread over.")
+    num_shards: int = Field(8, ge=1, le=256, description="DHT keys that peers' manifests are spread over.")
     dht_replicas: int = Field(
         10, ge=1, le=64, description="DHT nodes asked to store each manifest (hivemind num_replicas). More replicas "
         "make every peer's manifest visible to every reader sooner, at one small store RPC per replica per round."
@@ -170,7 +174,9 @@ class NetworkConfig(_Section):
 class NodeConfig(_Section):
     """The whole node: where it writes, how long it runs, and its sections."""
 
-    output_dir: str = Field("runs/node", description="Directory for metrics.jsonl, node.json, logs and the identity.")
+    output_dir: str = Field(
+        "runs/node", description="Directory for metrics.jsonl, node.json, checkpoints and the identity (logs go to stderr)."
+    )
     rounds: int = Field(0, ge=0, description="Stop after this many rounds; 0 runs until stopped.")
     linger_s: float = Field(
         0.0, ge=0, description="After the last round, keep serving rollouts to peers for this long, seconds."
@@ -261,7 +267,7 @@ def _read_env(environ: dict[str, str]) -> dict[str, Any]:
     fields = leaf_fields()
     flat: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in RESERVED_ENV:
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name not in fields:

@@ -1,7 +1,8 @@
 """`swarm-node swarm`: a local swarm of N real node processes on 127.0.0.1.
 
 Node 0 starts a new swarm (the bootstrap peer); once it has written `node.json` with its multiaddrs the
-others start with `--initial-peers` pointing at it. Each node runs in its own session (process group), so a
+others start with `--initial-peers` pointing at it. Every run starts fresh: the nodes keep their identities
+but not their metrics or checkpoints (run `swarm-node run` per node to resume). Each node runs in its own session (process group), so a
 stop reaches its DHT process and p2pd too. The launcher streams every node's per-round line from its
 `metrics.jsonl`, and stops all nodes with SIGTERM (then SIGKILL of the process group after a deadline) when
 every node has finished its rounds, when one node crashes, or on Ctrl-C.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from swarm_node.config import load_config
 from swarm_node.errors import OperatorError
 
 STOP_DEADLINE_S = 30.0
@@ -58,8 +61,11 @@ class LocalSwarm:
         self.out = Path(output_dir)
         self.config_file = config_file
         self.overrides = dict(overrides)
-        self.overrides.setdefault("torch_threads", max(1, (os.cpu_count() or 1) // num_nodes))
-        self.overrides.setdefault("min_peers", num_nodes - 1)
+        self.config = load_config(config_file, self.overrides)  # file, env and flags, as each node will see them
+        if self.config.train.torch_threads == 0:  # unset anywhere: share the cores between the nodes
+            self.overrides["torch_threads"] = max(1, (os.cpu_count() or 1) // num_nodes)
+        if self.config.network.min_peers == 0:  # start all nodes together
+            self.overrides["min_peers"] = num_nodes - 1
         self.procs: list[subprocess.Popen] = []
         self._printed: list[int] = [0] * num_nodes
 
@@ -69,8 +75,9 @@ class LocalSwarm:
     def _spawn(self, i: int, initial_peers: list[str]) -> subprocess.Popen:
         d = self.node_dir(i)
         d.mkdir(parents=True, exist_ok=True)
-        for stale in ("node.json", "metrics.jsonl"):
+        for stale in ("node.json", "metrics.jsonl", "metrics.jsonl.prev"):  # each local swarm run starts fresh
             (d / stale).unlink(missing_ok=True)
+        shutil.rmtree(d / "checkpoints", ignore_errors=True)
         argv = [sys.executable, "-m", "swarm_node.cli", "run", "--output-dir", str(d), "--rounds", str(self.rounds),
                 "--linger-s", "3600"]
         if self.config_file:
@@ -195,7 +202,7 @@ def run_local_swarm(num_nodes: int, rounds: int, output_dir: str, config_file: s
     from swarm_node.learning.models import EMBEDDED_MODEL, TINY_MODEL, embedded_model_dir
 
     swarm = LocalSwarm(num_nodes, rounds, output_dir, config_file, overrides)
-    if overrides.get("model", EMBEDDED_MODEL) in (EMBEDDED_MODEL, TINY_MODEL):
+    if swarm.config.train.model in (EMBEDDED_MODEL, TINY_MODEL):
         console.print("preparing the embedded model (converted once, then cached)")
         embedded_model_dir()
     status = 1

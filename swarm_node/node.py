@@ -178,7 +178,7 @@ class Node:
             except Exception as e:
                 message = self._explain_join_failure(e)
                 kill_and_wait([p for p in psutil.Process().children(recursive=True) if p.pid not in before], grace_s=0)
-                if attempt == net.startup_retries or "bootstrap" in message or "in use" in message:
+                if attempt == net.startup_retries or any(w in message for w in ("bootstrap", "in use", "already used")):
                     raise NetworkError(message) from None
                 log.warning("joining failed (attempt %d of %d): %s; retrying", attempt + 1, net.startup_retries + 1,
                             message)
@@ -333,8 +333,17 @@ class Node:
                 log.warning("no checkpoint: starting at round 1 and moving the previous metrics to metrics.jsonl.prev")
                 os.replace(metrics_path, metrics_path.with_suffix(".jsonl.prev"))
             return
-        self.policy.model.load_state_dict(state["model"])
-        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.policy.model.load_state_dict(state["model"])
+            self.trainer.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            from swarm_node.learning.models import ModelError
+
+            raise ModelError(f"the checkpoints in {self.checkpoints.directory} do not fit --model "
+                             f"{self.config.train.model} ({str(e)[:120]}); use the model they were trained with or "
+                             "move that directory away to start over") from None
+        for group in self.trainer.optimizer.param_groups:  # the configured learning rate wins over the saved one
+            group["lr"] = self.config.train.learning_rate
         self.trainer.policy_version = state["policy_version"]
         self.rng.setstate(state["task_rng"])
         self.collector.rng.setstate(state["sample_rng"])

@@ -44,7 +44,7 @@ def fetch_status(url: str, timeout_s: float = 3.0) -> dict[str, Any]:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return json.loads(response.read())
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise StatusError(f"cannot read {url} ({e}); is the node running? (its log is in its output directory)") from None
+        raise StatusError(f"cannot read {url} ({e}); is the node running? (check its log)") from None
 
 
 def render(target: str, console: Console | None = None) -> None:

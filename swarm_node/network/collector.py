@@ -50,6 +50,30 @@ def group_to_wire(group: Group) -> wire.WireGroup:
     )
 
 
+class ExpiringSet:
+    """A set whose members are forgotten `ttl_s` after they were added, so long runs use bounded memory.
+
+    The collector's ttl is twice `max_staleness_s`: anything older is rejected as stale anyway.
+    """
+
+    def __init__(self, ttl_s: float):
+        self.ttl_s = ttl_s
+        self._added: dict = {}
+
+    def add(self, item) -> None:
+        self._added.setdefault(item, time.monotonic())
+
+    def __contains__(self, item) -> bool:
+        return item in self._added
+
+    def __len__(self) -> int:
+        return len(self._added)
+
+    def prune(self) -> None:
+        horizon = time.monotonic() - self.ttl_s
+        self._added = {k: t for k, t in self._added.items() if t >= horizon}
+
+
 class Collector:
     """Owns the external-group pool of one node.
 
@@ -68,16 +92,17 @@ class Collector:
         self._invalid_signatures = invalid_signatures
         self._signatures_counted = 0
         self._pool: dict[tuple[str, int], tuple[float, list[Group]]] = {}  # (peer, round) -> (received_at, groups)
-        self._seen_manifests: set[tuple[str, int, bytes]] = set()
-        self._flood_counted: set[tuple[str, int, bytes]] = set()
-        self._announced_at: dict[tuple[str, int], float] = {}
-        self._seen_bad_records: set[bytes] = set()
-        self._seen_content: set = set()
+        ttl_s = 2 * network.max_staleness_s
+        self._seen_manifests = ExpiringSet(ttl_s)  # (peer, round, sha256) fetched or skipped
+        self._flood_counted = ExpiringSet(ttl_s)
+        self._announced_at: dict[tuple[str, int], float] = {}  # of the payloads fetched in the current poll
+        self._seen_bad_records = ExpiringSet(ttl_s)
+        self._seen_content = ExpiringSet(ttl_s)  # group content keys, for dedupe
         self._good_peers: set[str] = set()  # peers that delivered a valid payload before
         self._failures: Counter[str] = Counter()  # fetches or payloads of a peer that gave us nothing
         self._tries: Counter[str] = Counter()  # fetches attempted per peer
         self.peers_announced: set[str] = set()  # every peer with a valid manifest seen so far
-        self._used: set[int] = set()
+        self._used = ExpiringSet(ttl_s)  # content keys of groups already trained on
         self.verify_s = 0.0
         self.verified_groups = 0
         self.accepted_by_peer: Counter[str] = Counter()  # groups that passed verification, per peer ID
@@ -90,6 +115,9 @@ class Collector:
         """
         horizon = time.monotonic() - self.net.max_staleness_s
         self._pool = {k: v for k, v in self._pool.items() if v[0] >= horizon}
+        for seen in (self._seen_manifests, self._flood_counted, self._seen_bad_records, self._seen_content, self._used):
+            seen.prune()
+        self._announced_at.clear()
         deadline = time.monotonic() + self.net.collect_timeout_s
         want = self.train.num_external_groups
         fetched, delivered, peers_seen = 0, set(), set()
@@ -123,7 +151,8 @@ class Collector:
             await asyncio.sleep(0.5)
         usable = self.usable()
         chosen = select_external(usable, want, self.rng, self.train.filter_zero_advantage)
-        self._used.update(id(g) for g in chosen)
+        for g in chosen:
+            self._used.add(g.content_key())
         return Collected(chosen, len(usable), len(peers_seen))
 
     def _is_fresh(self, m: wire.Manifest) -> bool:
@@ -146,7 +175,7 @@ class Collector:
         """Verified, not yet used, not stale groups (with signal, if the zero-advantage filter is on)."""
         keep_all = not self.train.filter_zero_advantage
         return [g for _, groups in self._pool.values() for g in groups
-                if (keep_all or g.has_signal) and id(g) not in self._used]
+                if (keep_all or g.has_signal) and g.content_key() not in self._used]
 
     def _count_bad_signatures(self) -> None:
         total = self._invalid_signatures()

@@ -259,8 +259,9 @@ class RolloutExchange:
             payload = wire.decode_payload(data, max_payload_bytes)
         except wire.WireError as e:
             raise FetchError(e.reason, e.detail) from None
-        if payload.peer_id != manifest.peer_id or payload.round != manifest.round:
-            raise FetchError("manifest_mismatch", "payload peer or round differs from its manifest")
+        if (payload.peer_id, payload.round, payload.policy_version, payload.model) != (
+                manifest.peer_id, manifest.round, manifest.policy_version, manifest.model):
+            raise FetchError("manifest_mismatch", "payload peer, round, policy version or model differs from its manifest")
         if len(payload.groups) != manifest.num_groups:
             raise FetchError("manifest_mismatch", "group count differs from its manifest")
         return payload

@@ -86,7 +86,11 @@ def lock_identity(path: Path) -> int:
     """
     import fcntl
 
-    fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as e:
+        raise IdentityError(f"cannot create the lock file {path}.lock ({e.strerror}); make its directory writable "
+                            "or pass another --identity-path") from None
     try:
         # a POSIX record lock, not flock: forked children (hivemind's DHT process) do not inherit it, so the
         # lock dies with this process even when its children outlive a kill -9
