@@ -22,6 +22,7 @@ from hivemind.utils import get_dht_time
 from swarm_node.learning.tasks import RG_VERSION, TaskSet
 from swarm_node.network import wire
 from swarm_node.network.identity import peer_id_from_public_key
+from swarm_node.network.trust import VIOLATIONS
 from swarm_node.node import Node
 
 from hostile import ScriptedPeer, framed, honest_payload
@@ -36,7 +37,7 @@ PERIOD_S = 3.0
 def node_config(tmp_path, name, initial_peers):
     return load_config(environ={}, overrides=dict(
         output_dir=str(tmp_path / name), model="tiny", rounds=ROUNDS, num_local_groups=2, num_completions=4,
-        max_new_tokens=8, num_external_groups=16, collect_timeout_s=6, fetch_timeout_s=2, dht_timeout_s=5,
+        max_new_tokens=8, num_external_groups=16, collect_timeout_s=8, fetch_timeout_s=4, dht_timeout_s=5,
         num_shards=SHARDS, initial_peers=initial_peers, max_manifests_per_round=16, ban_strikes=2,
         torch_threads=1, min_peers=1,
     ))
@@ -208,8 +209,9 @@ def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap
         assert node.collector.accepted_by_peer[peers["honest"].peer_id] >= 4
         assert node.collector.accepted_by_peer[other.peer_id] > 0
         assert peers["honest"].peer_id not in trust.banned_peers and other.peer_id not in trust.banned_peers
-        assert not trust.rejects_by_peer.get(peers["honest"].peer_id)
-        assert not trust.rejects_by_peer.get(other.peer_id)
+        # honest sources commit no protocol violation (a fetch may time out on this busy 2-core box: churn, no strike)
+        for honest_id in (peers["honest"].peer_id, other.peer_id):
+            assert not set(trust.rejects_by_peer.get(honest_id, {})) & VIOLATIONS, dict(trust.rejects_by_peer[honest_id])
         # 3. every attack was rejected under its reason, and none of its groups was used
         for name, reason in attacks.items():
             attacker = peers[name].peer_id
