@@ -105,16 +105,21 @@ async def run_node(config) -> int:
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
+    def force_exit() -> None:
+        for child in __import__("psutil").Process().children(recursive=True):
+            child.kill()
+        os._exit(130)
+
     def on_signal() -> None:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
-            logging.getLogger("swarm_node").info("stopping after the current phase (signal again to force)")
+            logging.getLogger("swarm_node").info(
+                "stopping after the current phase, at most %.0f s (signal again to force)", config.stop_deadline_s)
             node.request_stop()
+            loop.call_later(config.stop_deadline_s, force_exit)  # a phase that overruns is abandoned
         else:
-            for child in __import__("psutil").Process().children(recursive=True):
-                child.kill()
-            os._exit(130)
+            force_exit()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)

@@ -178,6 +178,10 @@ class NodeConfig(_Section):
         "runs/node", description="Directory for metrics.jsonl, node.json, checkpoints and the identity (logs go to stderr)."
     )
     rounds: int = Field(0, ge=0, description="Stop after this many rounds; 0 runs until stopped.")
+    stop_deadline_s: float = Field(
+        120.0, gt=0, description="After Ctrl-C or SIGTERM, the longest wait for the current phase, the checkpoint and "
+        "the shutdown before the node abandons them and kills its children, seconds."
+    )
     linger_s: float = Field(
         0.0, ge=0, description="After the last round, keep serving rollouts to peers for this long, seconds."
     )

@@ -50,20 +50,20 @@ def fetch_status(url: str, timeout_s: float = 3.0) -> dict[str, Any]:
 def render(target: str, console: Console | None = None) -> None:
     """Print one table row per node found at `target`. Raises StatusError."""
     table = Table(title="swarm-node status")
-    for col in ("node", "peer ID", "state", "round", "reward local (last 5)", "ext. used", "peers", "rejected",
-                "last problem"):
+    for col in ("node", "peer ID", "multiaddrs", "state", "round", "reward local (last 5)", "ext. used", "peers",
+                "rejected", "last problem"):
         table.add_column(col, overflow="fold")
     for label, url in resolve_urls(target):
         try:
             s = fetch_status(url)
         except StatusError as e:
-            table.add_row(label, "-", "[red]unreachable[/]", "-", "-", "-", "-", "-", str(e))
+            table.add_row(label, "-", "-", "[red]unreachable[/]", "-", "-", "-", "-", "-", str(e))
             continue
         recent = s.get("recent_rounds", [])[-5:]
         health = s.get("health", {})
         state = s.get("state", "?") + ("" if health.get("ok", True) else " [red](stuck)[/]")
         table.add_row(
-            label, s.get("peer_id", "?"), state, str(s.get("round", 0)),
+            label, s.get("peer_id", "?"), " ".join(s.get("multiaddrs", [])), state, str(s.get("round", 0)),
             " ".join(f"{r['reward_local_mean']:.2f}" for r in recent) or "-",
             str(recent[-1]["external_groups_used"]) if recent else "-",
             str(recent[-1]["peers_seen"]) if recent else "-",

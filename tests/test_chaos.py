@@ -116,7 +116,7 @@ def test_churn_kill9_bootstrap_death_restart_and_late_joiner(tmp_path):
         assert "swarm_node_rounds_total" in text and 'swarm_node_groups_total{kind="used"}' in text
         assert "swarm_node_event_loop_lag_seconds" in text
         status = subprocess.run([sys.executable, "-m", "swarm_node.cli", "status", str(tmp_path)],
-                                capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "500"})
         assert status.returncode == 0, status.stderr
         for info in infos.values():
             assert info["peer_id"][:12] in status.stdout
