@@ -6,7 +6,6 @@ import pytest
 
 from swarm_node.config import NetworkConfig, TrainConfig
 from swarm_node.learning.tasks import TaskSet
-from swarm_node.network import wire
 from swarm_node.network.collector import Collector
 from swarm_node.network.trust import PeerTrust
 
