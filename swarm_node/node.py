@@ -480,6 +480,7 @@ class Node:
             "generate_s": round(generate_s, 3),
             "publish_s": round(publish_s, 3),
             "collect_s": round(collect_s, 3),
+            "collect_wait_s": round(collected.wait_s, 3),
             "train_s": round(train_s, 3),
             "round_s": round(time.perf_counter() - t_round, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
