@@ -33,6 +33,7 @@ from swarm_node.errors import OperatorError
 from swarm_node.launcher import LocalSwarm
 
 console = Console(highlight=False)
+MAX_ATTEMPTS = 3  # a run whose swarm fails is continued from its checkpoints this many times in all
 
 
 class ExperimentError(OperatorError):
@@ -171,21 +172,29 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
         console.print(f"[bold]{arm.name} ({arm.label}) seed {seed}[/] in {d}")
         run_overrides = {**overrides, **arm.overrides(), "seed": seed, "task_seed": seed}
         t0 = time.time()
-        swarm = LocalSwarm(preset.agents, settings["rounds"], str(d), None, run_overrides, resume=True)
-        status = 1
-        try:
-            swarm.start()
-            status = swarm.wait()
-        except KeyboardInterrupt:
-            console.print("interrupted: the next start continues from the last checkpoints")
-            status = 130
-        finally:
-            swarm.stop()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            swarm = LocalSwarm(preset.agents, settings["rounds"], str(d), None, run_overrides, resume=True)
+            status = 1
+            try:
+                swarm.start()
+                status = swarm.wait()
+            except KeyboardInterrupt:
+                console.print("interrupted: the next start continues from the last checkpoints")
+                status = 130
+            except OperatorError as e:  # a node that failed to start
+                console.print(f"[red]{e}[/]")
+            finally:
+                swarm.stop()
+            if status in (0, 130):
+                break
+            if attempt < MAX_ATTEMPTS:  # e.g. an agent killed by the OOM killer: continue from the checkpoints
+                console.print(f"[yellow]run {arm.name} seed {seed} failed (attempt {attempt} of {MAX_ATTEMPTS}); "
+                              "continuing from the last checkpoints[/]")
+        if status == 130:
+            return status
         if status:
-            if status == 130:
-                return status
-            raise ExperimentError(f"run {arm.name} seed {seed} failed; see the node logs in {d} (rerun the same "
-                                  "command to continue from the last checkpoints)")
+            raise ExperimentError(f"run {arm.name} seed {seed} failed {MAX_ATTEMPTS} times; see the node logs in {d} "
+                                  "(rerun the same command to continue from the last checkpoints)")
         (d / "done.json").write_text(json.dumps({"arm": arm.name, "label": arm.label, "seed": seed,
                                                  "wall_s": round(time.time() - t0, 1), "finished_at": time.time()}))
         for node in sorted(d.glob("node*")):  # keep the logs, drop the model checkpoints

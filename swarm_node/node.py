@@ -43,7 +43,7 @@ from swarm_node.network.collector import Collector, group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 from swarm_node import progress
-from swarm_node.processes import kill_and_wait, reap_recorded, record_children
+from swarm_node.processes import kill_and_wait, reap_recorded, record_children, release_free_memory
 from swarm_node.telemetry import Telemetry
 
 log = logging.getLogger("swarm_node")
@@ -391,7 +391,7 @@ class Node:
         specs = self.taskset.heldout(tasks.eval_num_questions, tasks.eval_seed)
         per_task: dict[str, list[float]] = {}
         formatted = 0
-        batch_size = 32
+        batch_size = 8  # prompts per generate call: bounds the prefill's transient memory
         for i in range(0, len(specs), batch_size):
             chunk = specs[i:i + batch_size]
             out = generate(self.policy, [self.trainer.prompt_text(s) for s in chunk], 1,
@@ -399,6 +399,7 @@ class Node:
             for spec, completions in zip(chunk, out.completions):
                 per_task.setdefault(spec.dataset, []).append(score(recreate(spec), completions[0]))
                 formatted += has_answer_tags(completions[0])
+        release_free_memory()
         scores = [x for v in per_task.values() for x in v]
         return {"round": self.round, "peer_id": self.peer_id, "policy_version": self.trainer.policy_version,
                 "heldout_accuracy": sum(scores) / len(scores), "num_questions": len(scores),
@@ -444,7 +445,7 @@ class Node:
 
         t0 = time.perf_counter()
         with progress.task(f"round {r}: GRPO step on {len(local) + len(external)} groups"):
-            stats = await self._in_thread(self.trainer.step, local + external)
+            stats = await self._in_thread(self._train, local + external)
         train_s = time.perf_counter() - t0
 
         local_rewards = [x for g in generated for x in g.rewards]  # every completion this node generated
@@ -496,6 +497,12 @@ class Node:
     def peer_id(self) -> str:
         return self.identity.peer_id.to_base58()
 
+    def _train(self, groups: list[Group]):
+        try:
+            return self.trainer.step(groups)
+        finally:
+            release_free_memory()
+
     def _generate_local(self, r: int, specs: list[TaskSpec]) -> tuple[list[Group], int, float]:
         from swarm_node.learning.generation import generate
         from swarm_node.learning.tasks import has_answer_tags
@@ -511,6 +518,7 @@ class Node:
             total += len(completions)
             groups.append(Group(question.spec, completions, rewards, self.peer_id, r,
                                 self.trainer.policy_version, self.policy.name))
+        release_free_memory()
         return groups, out.num_tokens, formatted / max(total, 1)
 
 
