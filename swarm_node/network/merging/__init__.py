@@ -1,0 +1,35 @@
+"""Merging with peers that run the same model: weights (params), DiLoCo outer steps (diloco), gradients (grad).
+
+- `fingerprint`: the model fingerprint and the DHT prefix that keeps other models out of our groups.
+- `schedule`: when params/diloco merges happen (every_k, late, off).
+- `checksum`: linear checksums exchanged in each round's gather, and the check of the result against them.
+- `averager`: hivemind's DecentralizedAverager with byte counters, failure signals and a chosen shared state.
+- `weights`: `WeightMerger`, one verified merge (or a quick skip) per scheduled round, repairs, state loading.
+- `grad`: `GradMerger`, hivemind.Optimizer around the node's AdamW for shared-gradient training.
+- `stats`: the counters and the `merge_*` metrics fields.
+
+hivemind runs averagers in child processes; they must be created in the main thread after the DHT exists
+and before any training thread touches the model, which `create_merger` is for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from swarm_node.config import NodeConfig
+
+
+def create_merger(config: NodeConfig, dht, policy, trainer) -> Any:
+    """The merger for `config.merge.merge_mode` (None when off). Call in the main thread, DHT running."""
+    mode = config.merge.merge_mode
+    if mode == "off":
+        return None
+    if mode == "grad":
+        from swarm_node.network.merging.grad import GradMerger
+
+        return GradMerger(config.merge, dht, policy.model, trainer, config.network.swarm_name,
+                          config.network.dht_timeout_s)
+    from swarm_node.network.merging.weights import WeightMerger
+
+    return WeightMerger(config.merge, dht, policy.model, trainer.optimizer, config.network.swarm_name,
+                        config.rounds, config.network.dht_timeout_s)
