@@ -19,15 +19,16 @@ from typing import Any
 from swarm_node.config import NodeConfig
 
 
-def create_merger(config: NodeConfig, dht, policy, trainer) -> Any:
-    """The merger for `config.merge.merge_mode` (None when off). Call in the main thread, DHT running."""
+def create_merger(config: NodeConfig, dht, policy, trainer, private_key) -> Any:
+    """The merger for `config.merge.merge_mode` (None when off). Call in the main thread, DHT running.
+    `private_key` is the node's identity key (it signs the DHT records of grad mode's progress tracker)."""
     mode = config.merge.merge_mode
     if mode == "off":
         return None
     if mode == "grad":
         from swarm_node.network.merging.grad import GradMerger
 
-        return GradMerger(config.merge, dht, policy.model, trainer, config.network.swarm_name,
+        return GradMerger(config.merge, dht, policy.model, trainer, config.network.swarm_name, private_key,
                           config.network.dht_timeout_s)
     from swarm_node.network.merging.weights import WeightMerger
 

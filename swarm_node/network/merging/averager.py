@@ -105,40 +105,18 @@ def _count_tensor_traffic(traffic: Traffic) -> None:
 
 
 class Instrumented:
-    """Mixin for hivemind averager classes: byte counters and quiet "no group" logs, set up in the child."""
+    """Mixin for hivemind averager classes (DecentralizedAverager and its subclasses): byte counters, per-round
+    failure signals and quiet "no group" logs. Call `_instrument(kwargs)` before the class's own __init__."""
 
     traffic: Traffic
 
-    def _init_instrumentation(self) -> None:
+    def _instrument(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         self.traffic = Traffic()
-
-    def _wrap_compressions(self) -> None:
-        self.allreduce_kwargs["compression"] = CountingCompression(self.allreduce_kwargs["compression"], self.traffic)
-        self.state_compression = CountingCompression(self.state_compression, self.traffic)
-
-    def run(self):  # runs in the child process
-        _count_tensor_traffic(self.traffic)
-        logging.getLogger("hivemind.averaging.averager").addFilter(_QuietNoGroup())
-        super().run()
-
-
-class MergeAverager(Instrumented, DecentralizedAverager):
-    """A DecentralizedAverager over `tensors` that counts bytes, records failure signals and serves `state_fn()`.
-
-    Args:
-        tensors: CPU tensors averaged in place (they are moved to shared memory).
-        dht: the node's DHT.
-        state_fn: called in this process when a peer downloads state; returns (metadata bytes, tensors).
-        kwargs: DecentralizedAverager's (prefix, group sizes, timeouts, compression, ...).
-    """
-
-    def __init__(self, tensors: Sequence[torch.Tensor], dht, *, state_fn: Callable[[], tuple[bytes, list]],
-                 **kwargs: Any):
-        self._init_instrumentation()
-        self._faults = mp.Array(ctypes.c_int64, 3)  # values that fell back to local, banned senders, group size
-        self._state_fn = state_fn
-        super().__init__(tensors, dht, start=False, **kwargs)
-        self._wrap_compressions()
+        # last round: values left un-averaged, senders dropped, group size; totals: rounds, rounds with a fault
+        self._faults = mp.Array(ctypes.c_int64, 5)
+        for key in ("compression", "state_compression"):
+            kwargs[key] = CountingCompression(kwargs.get(key) or NoCompression(), self.traffic)
+        return kwargs
 
     def reset_faults(self) -> None:
         for i in range(3):
@@ -148,9 +126,14 @@ class MergeAverager(Instrumented, DecentralizedAverager):
         """(values left un-averaged, senders dropped mid-round, group size) of the last all-reduce."""
         return int(self._faults[0]), int(self._faults[1]), int(self._faults[2])
 
-    def get_current_state(self):
-        metadata, tensors = self._state_fn()
-        return metadata, tensors, None
+    def round_totals(self) -> tuple[int, int]:
+        """(all-reduce rounds finished, rounds among them with values left un-averaged) since start."""
+        return int(self._faults[3]), int(self._faults[4])
+
+    def run(self):  # runs in the child process
+        _count_tensor_traffic(self.traffic)
+        logging.getLogger("hivemind.averaging.averager").addFilter(_QuietNoGroup())
+        super().run()
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """hivemind 1.1.12's implementation, plus recording the runner's failure signals when it ends."""
@@ -170,8 +153,30 @@ class MergeAverager(Instrumented, DecentralizedAverager):
                 async for _ in runner:
                     raise ValueError("aux peers should not receive averaged tensors")
         finally:
-            self._faults[0] = int(runner.tensor_part_container.failed_size)
-            self._faults[1] = len(runner.banned_senders)
+            failed = int(runner.tensor_part_container.failed_size)
+            self._faults[0], self._faults[1] = failed, len(runner.banned_senders)
+            self._faults[3] += 1
+            self._faults[4] += failed > 0
+
+
+class MergeAverager(Instrumented, DecentralizedAverager):
+    """A DecentralizedAverager over `tensors` that counts bytes, records failure signals and serves `state_fn()`.
+
+    Args:
+        tensors: CPU tensors averaged in place (they are moved to shared memory).
+        dht: the node's DHT.
+        state_fn: called in this process when a peer downloads state; returns (metadata bytes, tensors).
+        kwargs: DecentralizedAverager's (prefix, group sizes, timeouts, compression, ...).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], dht, *, state_fn: Callable[[], tuple[bytes, list]],
+                 **kwargs: Any):
+        self._state_fn = state_fn
+        super().__init__(tensors, dht, start=False, **self._instrument(kwargs))
+
+    def get_current_state(self):
+        metadata, tensors = self._state_fn()
+        return metadata, tensors, None
 
 
 def start_in_main_thread(factory: Callable[[], Any]) -> Any:
