@@ -81,7 +81,7 @@ class GradMerger:
         compression = make_compression(config.merge_compression)
         averager_opts = dict(min_group_size=config.merge_min_group_size,
                              target_group_size=config.merge_target_group_size or None,
-                             request_timeout=max(0.5, min(3.0, mm / 4)), declare_state_period=10.0)
+                             request_timeout=min(3.0, max(1.0, mm / 2)), declare_state_period=10.0)
         self.optimizer: _Optimizer = start_in_main_thread(lambda: _Optimizer(
             dht=dht, run_id=self.prefix, target_batch_size=config.grad_target_batch_size,
             optimizer=trainer.optimizer, matchmaking_time=mm,

@@ -57,6 +57,11 @@ def _tie_breaker(peer_id: bytes) -> float:
     return int.from_bytes(hashlib.sha256(peer_id).digest()[:4], "big") / 2**33  # [0, 0.5)
 
 
+def _chunk_timeout_s(config: MergeConfig) -> float:
+    """hivemind's next_chunk_timeout: a sender silent this long is dropped from the round (reducers: twice that)."""
+    return max(1.0, config.merge_allreduce_timeout_s / 6)
+
+
 class _RoundFailed(Exception):
     """A merge round that cannot be applied; `reason` says why (logged, counted, then repaired)."""
 
@@ -106,9 +111,9 @@ class WeightMerger:
         averager = MergeAverager(
             self.buffer, self.dht, state_fn=self._shared_state, prefix=self.prefix,
             target_group_size=cfg.merge_target_group_size or None, min_group_size=cfg.merge_min_group_size,
-            min_matchmaking_time=matchmaking_s, request_timeout=max(0.5, min(3.0, matchmaking_s / 4)),
+            min_matchmaking_time=matchmaking_s, request_timeout=min(3.0, max(1.0, matchmaking_s / 2)),
             allreduce_timeout=cfg.merge_allreduce_timeout_s,
-            next_chunk_timeout=max(1.0, cfg.merge_allreduce_timeout_s / 6),
+            next_chunk_timeout=_chunk_timeout_s(cfg),
             compression=make_compression(cfg.merge_compression), declare_state_period=DECLARE_STATE_PERIOD_S,
             shutdown_timeout=5,
         )
@@ -152,12 +157,13 @@ class WeightMerger:
             log.warning("merge and its repair failed (%s): keeping local weights", result.detail)
         return result
 
-    def load_state(self, own_weights_as_anchor: bool = True) -> bool:
+    def load_state(self, own_weights_as_anchor: bool = True, require_newer: bool = False) -> bool:
         """Download the group's state (anchor, DiLoCo momentum) from the most merged peer and adopt it.
 
         Called before the first round (late join, restart) and by repairs. Returns False when no peer offered a
         state that checks out; then, if `own_weights_as_anchor` (start-up), the node's own weights become its
-        anchor (they may come from a checkpoint)."""
+        anchor (they may come from a checkpoint). A repair sets `require_newer`: a donor whose merge level is not
+        above ours has nothing newer than our own weights, and adopting them would only discard our training."""
         for attempt in range(2):  # hivemind picks the donor; a bad one is skipped by trying again
             try:
                 got = self.averager.load_state_from_peers(timeout=self.config.merge_state_load_timeout_s)
@@ -172,6 +178,10 @@ class WeightMerger:
             except _RoundFailed as e:
                 log.warning("rejected a peer's state: %s", e)
                 continue
+            if require_newer and info.merges <= self.level:
+                log.info("the most merged peer has no newer merge than this node (level %d): keeping own weights",
+                         self.level)
+                break
             n = len(self.anchor)
             with self._lock, torch.no_grad():
                 for a, t in zip(self.anchor, tensors[:n]):
@@ -319,12 +329,15 @@ class WeightMerger:
                     state["exp_avg_sq"] = self.buffer[2 * n + i].to(p.device).clamp_min(0).clone()
 
     def _repair(self, first: MergeResult) -> MergeResult:
-        second = self._average_and_apply(self.config.merge_matchmaking_timeout_s)
+        # the other members of a broken round notice at different times, up to a sender plus a reducer timeout
+        # (3 chunk timeouts) apart, so the re-average waits that much longer for them
+        cfg = self.config
+        second = self._average_and_apply(cfg.merge_matchmaking_timeout_s + 3 * _chunk_timeout_s(cfg))
         if second.outcome in ("merged", "repaired"):
             second.outcome = "repaired"
             return second
         log.info("re-averaging did not fix the merge (%s); loading the group's state", second.detail or second.outcome)
-        if self.load_state(own_weights_as_anchor=False):
+        if self.load_state(own_weights_as_anchor=False, require_newer=True):
             return MergeResult("repaired", group_size=first.group_size, detail="loaded the group's state")
         return MergeResult("failed", group_size=first.group_size, detail=first.detail)
 
