@@ -22,7 +22,7 @@ import math
 from typing import Annotated, Any
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
@@ -146,6 +146,15 @@ FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 Fingerprint = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+def _pairs(v: list[float]) -> list[float]:
+    if len(v) % 2:
+        raise ValueError("checksums come in (sum, alternating sum) pairs")
+    return v
+
+
+Checksums = Annotated[list[FiniteFloat], Field(min_length=2, max_length=2 * MAX_MERGE_SEGMENTS), AfterValidator(_pairs)]
+
+
 class MergeGather(_Message):
     """A peer's contribution to one averaging round, sent to every group member before the all-reduce.
 
@@ -158,7 +167,7 @@ class MergeGather(_Message):
 
     mode: Name
     fingerprint: Fingerprint
-    sums: Annotated[list[FiniteFloat], Field(min_length=2, max_length=2 * MAX_MERGE_SEGMENTS)]
+    sums: Checksums
     weight: Annotated[FiniteFloat, Field(gt=0, le=1e6)] = 1.0
     anchor: Annotated[list[FiniteFloat], Field(max_length=2)] = []
     merges: NonNegInt = 0
@@ -176,7 +185,7 @@ class MergeStateInfo(_Message):
     mode: Name
     fingerprint: Fingerprint
     merges: NonNegInt
-    sums: Annotated[list[FiniteFloat], Field(min_length=2, max_length=2 * MAX_MERGE_SEGMENTS)]
+    sums: Checksums
 
 
 def encode(message: BaseModel) -> bytes:
