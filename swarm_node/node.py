@@ -134,8 +134,10 @@ class Node:
         from swarm_node.learning.models import ModelError, estimate_memory_mb
 
         t = self.config.train
+        from swarm_node.network.merging import param_copies
+
         need_mb = estimate_memory_mb(t.model, t.micro_batch_size, t.num_local_groups * t.num_completions,
-                                     t.max_new_tokens)
+                                     t.max_new_tokens, extra_param_copies=param_copies(self.config.merge))
         limit_mb = t.memory_limit_mb or psutil.virtual_memory().available / 2**20
         if need_mb > limit_mb:
             raise ModelError(

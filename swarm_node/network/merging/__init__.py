@@ -16,7 +16,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from swarm_node.config import NodeConfig
+from swarm_node.config import MergeConfig, NodeConfig
+
+
+def param_copies(config: MergeConfig) -> int:
+    """fp32 copies of the weights a merger keeps besides the model (for the start-up memory estimate)."""
+    if config.merge_mode == "off":
+        return 0
+    if config.merge_mode == "grad":
+        return 2  # gradient accumulators and the averaged-gradient buffer
+    copies = 2 if config.merge_mode == "params" else 3  # buffer + anchor (+ DiLoCo momentum)
+    return copies + (2 if config.merge_optimizer_state == "average" else 0)
 
 
 def create_merger(config: NodeConfig, dht, policy, trainer, private_key) -> Any:

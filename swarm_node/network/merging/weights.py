@@ -205,8 +205,9 @@ class WeightMerger:
         return False
 
     def metrics(self, result: MergeResult | None) -> dict[str, Any]:
+        """The metrics line's merge fields; the weights' checksum only in rounds with a merge (it reads them all)."""
         sent, received = self.averager.traffic.totals()
-        return self.stats.metrics(result, sent, received, self.weights_checksum())
+        return self.stats.metrics(result, sent, received, self.weights_checksum() if result else None)
 
     @torch.no_grad()
     def weights_checksum(self) -> list[float]:
