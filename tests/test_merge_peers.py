@@ -220,3 +220,31 @@ def test_peer_with_another_model_never_joins_and_a_lone_peer_skips_fast(reap_chi
         assert mergers[2].stats.skipped == 1
     finally:
         shutdown(mergers, dhts)
+
+
+def test_optimizer_moments_are_averaged_with_the_weights(reap_children):
+    dhts = start_dhts(2)
+    models = [model(seed=s) for s in range(2)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    for i, (m, opt) in enumerate(zip(models, optimizers)):  # a few local steps give each peer its own moments
+        for _ in range(2 + i):
+            opt.zero_grad()
+            m(torch.randn(4, 256)).pow(2).mean().backward()
+            opt.step()
+    cfg = config(merge_optimizer_state="average", merge_target_group_size=2)
+    mergers = [WeightMerger(cfg, d, m, opt, "test") for d, m, opt in zip(dhts, models, optimizers)]
+    wait_visible(mergers)
+    try:
+        mean = [(a + b) / 2 for a, b in zip(weights(models[0]), weights(models[1]))]
+        moments = {key: [(optimizers[0].state[p][key] + optimizers[1].state[q][key]) / 2
+                         for p, q in zip(models[0].parameters(), models[1].parameters())]
+                   for key in ("exp_avg", "exp_avg_sq")}
+        assert [r.outcome for r in merge_all(mergers)] == ["merged", "merged"]
+        for m, opt in zip(models, optimizers):
+            assert_close_lists(weights(m), mean, atol=1e-6)
+            for key, expected in moments.items():
+                assert_close_lists([opt.state[p][key] for p in m.parameters()], expected, atol=1e-7)
+            assert [int(opt.state[p]["step"]) for p in m.parameters()][0] in (2, 3)  # its own step count is kept
+            opt.step()  # and AdamW still steps with the merged state
+    finally:
+        shutdown(mergers, dhts)

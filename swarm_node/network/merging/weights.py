@@ -195,7 +195,7 @@ class WeightMerger:
             self.level = info.merges
             self.stats.state_loads += 1
             self._set_priority()
-            log.info("loaded the group's state from a peer (%d verified merges there)", info.merges)
+            log.info("loaded the group's state from a peer (merge level %d)", info.merges)
             return True
         if own_weights_as_anchor:
             with self._lock, torch.no_grad():  # nobody to learn from: our own weights are the reference
@@ -246,10 +246,9 @@ class WeightMerger:
         except Exception as e:  # hivemind raises many types when a peer disappears mid-round
             return MergeResult("failed", detail=f"averaging error {e!r}"[:200])
         try:
-            members = self._verify(gathered, segment_norms)
+            mismatch, members = self._verify(gathered, segment_norms)
         except _RoundFailed as e:
             return MergeResult("failed", group_size=len(gathered), detail=str(e))
-        mismatch, members = members
         reference = max(members, key=lambda m: m.priority)
         if self.mode == "diloco" and not self._same_anchor(reference.anchor):
             # our anchor is not the group's (e.g. another initialisation): adopt the group's state instead
