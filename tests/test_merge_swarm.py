@@ -48,8 +48,9 @@ def test_same_model_peers_merge_and_another_model_only_shares_rollouts(tmp_path)
             assert (b[r]["merge_outcome"], b[r]["merge_group_size"]) == ("merged", 2), b[r]
             (sum_a, norm_a), (sum_b, norm_b) = a[r]["merge_checksum"], b[r]["merge_checksum"]
             assert abs(sum_a - sum_b) < 1e-6 * norm_a and abs(norm_a - norm_b) < 1e-6 * norm_a
-            # the other model never joined a group
+            # the other model never joined a group, and skipping cost it almost nothing
             assert c[r]["merge_outcome"] == "alone" and c[r]["merge_group_size"] == 0, c[r]
+            assert c[r]["merge_s"] < 2.0, c[r]
         assert a[-1]["merges"] == 3 and a[-1]["merges_failed"] == 0 and a[-1]["merge_bytes_out"] > 0
         assert c[-1]["merges"] == 0 and c[-1]["merges_skipped"] == 3 and c[-1]["merge_bytes_out"] == 0
         # but everyone's rollouts were used by everyone: J = 4 takes both peers' 2 groups each

@@ -18,6 +18,7 @@ optimizer steps) counts rounds here, and `merge_grad_epoch` counts shared steps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -89,7 +90,12 @@ class GradMerger:
             next_chunk_timeout=max(1.0, config.merge_allreduce_timeout_s / 6),
             load_state_timeout=config.merge_state_load_timeout_s, offload_optimizer=False,
             grad_compression=compression, state_averaging_compression=compression, average_state_every=1,
-            grad_averager_factory=_GradAverager, averager_opts=averager_opts, shutdown_timeout=5,
+            delay_state_averaging=False,  # average parameters inside the step: a round is long, and this way the
+            # group's weights agree as soon as the step returns
+            # hivemind 1.1.12 forwards averager_opts to the state averager only, so the gradient averager gets
+            # them through its factory
+            grad_averager_factory=functools.partial(_GradAverager, **averager_opts), averager_opts=averager_opts,
+            shutdown_timeout=5,
             tracker_opts=dict(private_key=private_key)))
         trainer.use_collaborative_optimizer(self.optimizer)
         self._epoch_seen = 0
