@@ -257,7 +257,7 @@ def test_grad_mode_peers_take_the_same_steps_from_averaged_gradients(reap_childr
 
         def train(i: int) -> list[dict]:
             generator, out = torch.Generator().manual_seed(i), []
-            for r in range(3):  # each round: 8 sequences per peer, so the pair reaches 16 together
+            for r in range(4):  # each round: 8 sequences per peer, so the pair reaches 16 together
                 barrier.wait(timeout=60)
                 time.sleep(1.5)  # rounds take seconds; hivemind's progress tracker refreshes about every 0.5-3 s
                 trainers[i].optimizer.zero_grad()
