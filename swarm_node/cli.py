@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("output_dir", help="a node's or a local swarm's output directory")
     report.add_argument("--report-dir", default=None, help="where to write (default OUTPUT_DIR/report)")
 
+    experiment = sub.add_parser("experiment", help="the SAPO controlled experiment as local swarms; results and plots")
+    exp_sub = experiment.add_subparsers(dest="experiment_command", required=True)
+    sapo = exp_sub.add_parser("sapo", help="run (or continue) every arm and seed of a preset, then write results")
+    sapo.add_argument("--preset", default="smol", help="tiny (CI smoke, minutes), smol (SmolLM2, 4 agents, hours on "
+                      "2 cores) or paper (the paper's sizes, for GPUs)")
+    sapo.add_argument("--name", default=None, help="experiment name (default: the preset); output in ROOT/NAME")
+    sapo.add_argument("--root", default="experiments", help="directory holding experiments")
+    sapo.add_argument("--arms", nargs="*", default=None, help="arms to run (default: the preset's), e.g. "
+                      "local4-ext0 local2-ext2 control")
+    sapo.add_argument("--seeds", nargs="*", type=int, default=None, help="seeds to run (default: the preset's)")
+    sapo.add_argument("--rounds", type=int, default=None, help="rounds per run (default: the preset's)")
+    sapo.add_argument("--model", default=None, help="policy model for every agent (default: the preset's)")
+    exp_report = exp_sub.add_parser("report", help="re-create results.md, results.json and plots from the logs")
+    exp_report.add_argument("experiment_dir", help="an experiment directory, e.g. experiments/smol")
+
     sub.add_parser("config-doc", help="print the reference of every setting (markdown)")
     return parser
 
@@ -151,6 +166,23 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {write_report(Path(args.output_dir), args.report_dir and Path(args.report_dir))}")
             return 0
+        if args.command == "experiment":
+            from pathlib import Path
+
+            setup_logging("INFO")
+            if args.experiment_command == "report":
+                from swarm_node.results import write_results
+
+                root = Path(args.experiment_dir)
+                if not (root / "experiment.json").exists():
+                    raise OperatorError(f"{root} is not an experiment directory (no experiment.json)")
+                print(f"wrote {write_results(root)}")
+                return 0
+            from swarm_node.experiment import run_experiment
+
+            extra = {"model": args.model} if args.model else None
+            return run_experiment(args.preset, Path(args.root) / (args.name or args.preset), args.arms, args.seeds,
+                                  args.rounds, extra)
         if args.command == "run":
             config = load_config(args.config, _overrides(args))
             setup_logging(config.log_level, config.log_format)

@@ -59,6 +59,17 @@ class TaskConfig(_Section):
     dataset_size: int = Field(
         100_000, gt=0, description="Size of each reasoning-gym dataset; task indices are drawn from [0, size)."
     )
+    eval_every_rounds: int = Field(
+        0, ge=0, description="Every M rounds (and before round 1 and after the last round), score the policy on a "
+        "fixed held-out question set with greedy decoding and append it to eval.jsonl; 0 turns evaluation off."
+    )
+    eval_num_questions: int = Field(
+        32, ge=1, le=4096, description="Held-out questions, spread evenly over the tasks (the same set on every node)."
+    )
+    eval_seed: int = Field(
+        7_777_777, description="Dataset seed of the held-out set. Training questions come from task_seed's datasets, "
+        "so the held-out questions are generated independently of them (tiny tasks can still repeat a question)."
+    )
 
 
 class TrainConfig(_Section):
@@ -78,6 +89,11 @@ class TrainConfig(_Section):
         description="Drop external groups whose rewards are all equal (zero advantage) before sampling J, as SAPO "
         "does. Turn off only to exercise the exchange with models that never score (tests).",
     )
+    local_oversample: int = Field(
+        1, ge=1, le=16, description="Generate I x k local questions per round and train on I of them, those with "
+        "signal (non-zero advantage) first: zero-advantage filtering of local groups by over-sampling (the control "
+        "arm of `swarm-node experiment`). k > 1 costs k times the generation; all k x I groups are published."
+    )
     num_completions: int = Field(8, ge=2, description="L: completions generated per question (group size).")
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Maximum new tokens per completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for generation.")
@@ -88,8 +104,8 @@ class TrainConfig(_Section):
     kl_coef: float = Field(0.0, ge=0, description="KL penalty weight against a frozen reference model; 0 loads no reference.")
     steps_per_round: int = Field(1, ge=1, description="Optimizer steps per round on the same batch (clip matters when > 1).")
     micro_batch_size: int = Field(
-        4, ge=1, description="Sequences per forward/backward micro-batch. Peak memory knob: a SmolLM2 node peaked "
-        "at 4.9-5.2 GB RSS with 4 and 6.3 GB with 16 (measured)."
+        8, ge=1, description="Completions of one prompt per forward/backward micro-batch (they share the prompt's "
+        "KV cache, so one group of L=8 is one micro-batch). Peak memory knob; see docs/benchmarks.md."
     )
     advantage_eps: float = Field(1e-6, gt=0, description="Epsilon in (r - mean) / (std + eps).")
     memory_limit_mb: int = Field(

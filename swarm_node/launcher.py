@@ -52,7 +52,7 @@ class LocalSwarm:
     """Owns the node processes of one local swarm. Use `start()`, `wait()`, `stop()`."""
 
     def __init__(self, num_nodes: int, rounds: int, output_dir: str, config_file: str | None,
-                 overrides: dict[str, Any]):
+                 overrides: dict[str, Any], resume: bool = False):
         if num_nodes < 1:
             raise LauncherError("--nodes must be at least 1")
         if rounds < 1:
@@ -68,6 +68,7 @@ class LocalSwarm:
             self.overrides["min_peers"] = num_nodes - 1
         if self.config.merge.merge_mode != "off" and self.config.merge.merge_target_group_size == 0:
             self.overrides["merge_target_group_size"] = max(num_nodes, self.config.merge.merge_min_group_size)
+        self.resume = resume
         self.procs: list[subprocess.Popen] = []
         self._printed: list[int] = [0] * num_nodes
 
@@ -77,9 +78,11 @@ class LocalSwarm:
     def _spawn(self, i: int, initial_peers: list[str]) -> subprocess.Popen:
         d = self.node_dir(i)
         d.mkdir(parents=True, exist_ok=True)
-        for stale in ("node.json", "metrics.jsonl", "metrics.jsonl.prev"):  # each local swarm run starts fresh
-            (d / stale).unlink(missing_ok=True)
-        shutil.rmtree(d / "checkpoints", ignore_errors=True)
+        (d / "node.json").unlink(missing_ok=True)
+        if not self.resume:  # each local swarm run starts fresh unless resuming (experiments)
+            for stale in ("metrics.jsonl", "metrics.jsonl.prev", "eval.jsonl", "eval.jsonl.prev"):
+                (d / stale).unlink(missing_ok=True)
+            shutil.rmtree(d / "checkpoints", ignore_errors=True)
         argv = [sys.executable, "-m", "swarm_node.cli", "run", "--output-dir", str(d), "--rounds", str(self.rounds),
                 "--linger-s", "3600"]
         if self.config_file:
@@ -87,7 +90,7 @@ class LocalSwarm:
         if initial_peers:
             argv += ["--initial-peers", *initial_peers]
         argv += _flags(self.overrides)
-        log = open(d / "node.log", "w")
+        log = open(d / "node.log", "a" if self.resume else "w")
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_for_info(self, i: int) -> dict[str, Any]:
@@ -132,6 +135,16 @@ class LocalSwarm:
                 break  # a line being written
         return lines
 
+    def _evaluated(self, i: int) -> bool:
+        """Whether node i wrote its held-out evaluation of the last round (always true with evaluation off)."""
+        if not self.config.tasks.eval_every_rounds:
+            return True
+        path = self.node_dir(i) / "eval.jsonl"
+        try:
+            return any(json.loads(line).get("round") == self.rounds for line in path.read_text().splitlines())
+        except (OSError, json.JSONDecodeError):
+            return False
+
     def _print_progress(self) -> list[int]:
         done = []
         for i in range(self.num_nodes):
@@ -154,7 +167,7 @@ class LocalSwarm:
         """Stream progress until every node finished its rounds (0) or a node crashed (1)."""
         while True:
             done = self._print_progress()
-            if all(n >= self.rounds for n in done):
+            if all(n >= self.rounds and self._evaluated(i) for i, n in enumerate(done)):
                 return 0
             for i, proc in enumerate(self.procs):
                 if proc.poll() is not None:

@@ -37,14 +37,14 @@ import psutil
 from swarm_node.checkpoint import CheckpointStore
 from swarm_node.config import NodeConfig
 from swarm_node.errors import OperatorError
-from swarm_node.learning.sapo import Group
+from swarm_node.learning.sapo import Group, select_local
 from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate, score, stream_seed
 from swarm_node.network import wire
 from swarm_node.network.collector import Collector, group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 from swarm_node import progress
-from swarm_node.processes import kill_and_wait, reap_recorded, record_children
+from swarm_node.processes import kill_and_wait, reap_recorded, record_children, release_free_memory
 from swarm_node.telemetry import Telemetry
 
 log = logging.getLogger("swarm_node")
@@ -294,6 +294,7 @@ class Node:
         self._lag_task = asyncio.create_task(self._measure_loop_lag(), name="event-loop-lag")
         await self._wait_for_peers()
         self.telemetry.mark("running")
+        await self._maybe_evaluate()  # round 0: the base policy
         while not self.stopping and (cfg.rounds == 0 or self.round < cfg.rounds):
             metrics = await self.run_round(self.round + 1)
             if metrics is None:
@@ -312,6 +313,7 @@ class Node:
             self.telemetry.observe_round(metrics, sum(self.collector.accepted_by_peer.values()))
             self.telemetry.info.update(round=self.round, policy_version=metrics["policy_version"],
                                        banned_peers=metrics["banned_peers"])
+            await self._maybe_evaluate()
             if cfg.checkpoint_every_rounds and self.round % cfg.checkpoint_every_rounds == 0:
                 with progress.task(f"saving checkpoint of round {self.round}"):
                     await self._in_thread(self._save_checkpoint)
@@ -351,6 +353,9 @@ class Node:
             if metrics_path.exists() and metrics_path.stat().st_size:
                 log.warning("no checkpoint: starting at round 1 and moving the previous metrics to metrics.jsonl.prev")
                 os.replace(metrics_path, metrics_path.with_suffix(".jsonl.prev"))
+            eval_path = self.out_dir / "eval.jsonl"
+            if eval_path.exists():
+                os.replace(eval_path, eval_path.with_suffix(".jsonl.prev"))
             return
         try:
             self.policy.model.load_state_dict(state["model"])
@@ -368,18 +373,58 @@ class Node:
         self.collector.rng.setstate(state["sample_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.round = self._saved_round = state["round"]
-        kept = []
-        if metrics_path.exists():
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["round"] <= self.round:
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    break  # a torn last line from the crash
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, metrics_path)
+        for path in (metrics_path, self.out_dir / "eval.jsonl"):
+            _truncate_jsonl(path, self.round)
         log.info("resumed from checkpoint at round %d (policy version %d)", self.round, self.trainer.policy_version)
+
+    async def _maybe_evaluate(self) -> None:
+        """Held-out evaluation before round 1, every `eval_every_rounds` rounds and after the last round; skipped
+        when eval.jsonl already holds this round's evaluation (after a resume)."""
+        every, rounds = self.config.tasks.eval_every_rounds, self.config.rounds
+        if not every or self.stopping or (self.round % every and self.round != rounds):
+            return
+        path = self.out_dir / "eval.jsonl"
+        if path.exists():
+            lines = path.read_text().splitlines()
+            try:
+                if lines and json.loads(lines[-1])["round"] == self.round:
+                    return
+            except (ValueError, KeyError):
+                pass
+        with progress.task(f"held-out evaluation after round {self.round}"):
+            line = await self._in_thread(self._evaluate)
+        with open(self.out_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.info("held-out accuracy after round %d: %.3f (%d questions)", self.round, line["heldout_accuracy"],
+                 line["num_questions"])
+
+    def _evaluate(self) -> dict[str, Any]:
+        """Greedy accuracy (strict verifier) on the fixed held-out set of `eval_num_questions` questions."""
+        from swarm_node.learning.generation import generate
+        from swarm_node.learning.tasks import has_answer_tags
+
+        t0 = time.perf_counter()
+        tasks = self.config.tasks
+        specs = self.taskset.heldout(tasks.eval_num_questions, tasks.eval_seed)
+        per_task: dict[str, list[float]] = {}
+        formatted = 0
+        batch_size = 8  # prompts per generate call: bounds the prefill's transient memory
+        for i in range(0, len(specs), batch_size):
+            chunk = specs[i:i + batch_size]
+            out = generate(self.policy, [self.trainer.prompt_text(s) for s in chunk], 1,
+                           self.config.train.max_new_tokens, 1.0, greedy=True)
+            for spec, completions in zip(chunk, out.completions):
+                per_task.setdefault(spec.dataset, []).append(score(recreate(spec), completions[0]))
+                formatted += has_answer_tags(completions[0])
+        release_free_memory()
+        scores = [x for v in per_task.values() for x in v]
+        return {"round": self.round, "peer_id": self.peer_id, "policy_version": self.trainer.policy_version,
+                "heldout_accuracy": sum(scores) / len(scores), "num_questions": len(scores),
+                "heldout_format_rate": formatted / len(scores),
+                "heldout_by_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
+                "eval_s": round(time.perf_counter() - t0, 3), "time_s": time.time()}
 
     async def _wait_for_peers(self) -> None:
         net = self.config.network
@@ -397,16 +442,17 @@ class Node:
         """One SAPO round. Returns the metrics line, or None if a stop was requested mid-round."""
         cfg = self.config.train
         t_round = time.perf_counter()
-        specs = [self.taskset.draw(self.rng) for _ in range(cfg.num_local_groups)]
+        specs = [self.taskset.draw(self.rng) for _ in range(cfg.num_local_groups * cfg.local_oversample)]
         t0 = time.perf_counter()
-        with progress.task(f"round {r}: generating {cfg.num_local_groups} x {cfg.num_completions} completions"):
-            local, tokens_generated, format_rate = await self._in_thread(self._generate_local, r, specs)
+        with progress.task(f"round {r}: generating {len(specs)} x {cfg.num_completions} completions"):
+            generated, tokens_generated, format_rate = await self._in_thread(self._generate_local, r, specs)
+        local = select_local(generated, cfg.num_local_groups)  # all of them unless over-sampling (control arm)
         generate_s = time.perf_counter() - t0
         if self.stopping:
             return None
 
         t0 = time.perf_counter()
-        published = await self.exchange.publish(self._payload(r, local))
+        published = await self.exchange.publish(self._payload(r, generated))
         publish_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -418,7 +464,7 @@ class Node:
 
         t0 = time.perf_counter()
         with progress.task(f"round {r}: GRPO step on {len(local) + len(external)} groups"):
-            stats = await self._in_thread(self.trainer.step, local + external)
+            stats = await self._in_thread(self._train, local + external)
         train_s = time.perf_counter() - t0
 
         merge_metrics: dict[str, Any] = {}
@@ -426,8 +472,8 @@ class Node:
             with progress.task(f"round {r}: merging with peers of the same model"):
                 merge_metrics = await self._in_thread(self.merger.maybe_merge, r)
 
-        local_rewards = [x for g in local for x in g.rewards]
-        train_rewards = local_rewards + [x for g in external for x in g.rewards]
+        local_rewards = [x for g in generated for x in g.rewards]  # every completion this node generated
+        train_rewards = [x for g in local + external for x in g.rewards]
         return {
             "round": r,
             "peer_id": self.peer_id,
@@ -437,6 +483,7 @@ class Node:
             "reward_train_mean": sum(train_rewards) / len(train_rewards),
             "format_rate_local": format_rate,
             "local_groups": len(local),
+            "local_groups_generated": len(generated),
             "local_groups_with_signal": sum(g.has_signal for g in local),
             "external_groups_available": collected.available,
             "external_groups_used": len(external),
@@ -458,6 +505,7 @@ class Node:
             "generate_s": round(generate_s, 3),
             "publish_s": round(publish_s, 3),
             "collect_s": round(collect_s, 3),
+            "collect_wait_s": round(collected.wait_s, 3),
             "train_s": round(train_s, 3),
             "round_s": round(time.perf_counter() - t_round, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -474,6 +522,12 @@ class Node:
     def peer_id(self) -> str:
         return self.identity.peer_id.to_base58()
 
+    def _train(self, groups: list[Group]):
+        try:
+            return self.trainer.step(groups)
+        finally:
+            release_free_memory()
+
     def _generate_local(self, r: int, specs: list[TaskSpec]) -> tuple[list[Group], int, float]:
         from swarm_node.learning.generation import generate
         from swarm_node.learning.tasks import has_answer_tags
@@ -489,4 +543,21 @@ class Node:
             total += len(completions)
             groups.append(Group(question.spec, completions, rewards, self.peer_id, r,
                                 self.trainer.policy_version, self.policy.name))
+        release_free_memory()
         return groups, out.num_tokens, formatted / max(total, 1)
+
+
+def _truncate_jsonl(path: Path, last_round: int) -> None:
+    """Keep the lines of a per-round JSONL log up to `last_round` (and drop a torn last line), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["round"] <= last_round:
+                kept.append(line)
+        except (ValueError, KeyError):
+            break  # a torn last line from the crash
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

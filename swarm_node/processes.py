@@ -69,3 +69,20 @@ def kill_and_wait(procs: list[psutil.Process], grace_s: float = 3.0, timeout_s: 
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=timeout_s)
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc `malloc_trim`); a no-op on other C libraries.
+
+    Generation and training allocate and free hundreds of MB of tensors per phase. glibc keeps much of it in its
+    heaps, so a SmolLM2 node's RSS crept from 3.6 to 5.7 GB over 12 rounds in the first experiment run (and
+    one of four agents was OOM-killed). Trimming after each phase keeps the resident size at what is live.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -35,3 +35,15 @@ def test_select_external_is_uniform_over_the_filtered_pool():
 def test_filter_can_be_disabled():
     pool = [group(0, [0, 0]), group(1, [1, 1])]
     assert len(select_external(pool, 5, random.Random(0), filter_zero_advantage=False)) == 2
+
+
+def test_select_local_prefers_groups_with_signal():
+    from swarm_node.learning.sapo import select_local
+
+    spec = TaskSpec("chain_sum", {}, 0, 0, 10)
+    flat = [Group(spec, ["a", "b"], [0.0, 0.0], "me", 1, 0, "m") for _ in range(3)]
+    live = [Group(spec, ["a", "b"], [1.0, 0.0], "me", 1, 0, "m") for _ in range(2)]
+    mixed = [flat[0], live[0], flat[1], flat[2], live[1]]
+    assert select_local(mixed, 3) == [live[0], live[1], flat[0]]
+    assert select_local(mixed, 1) == [live[0]]
+    assert select_local(flat, 2) == flat[:2]  # nothing with signal: still I groups (they add no gradient)

@@ -89,3 +89,96 @@ def test_kl_reference_and_multiple_steps(tiny_policy_factory, taskset):
     stats = trainer.step([make_group(spec, ["<answer>1</answer>", "<answer>2</answer>"], [1.0, 0.0])])
     assert stats.policy_version == 3
     assert stats.kl > 0  # the policy moved away from the frozen reference
+
+
+def _naive_sequence_logprobs(model, prompt_ids, completion_ids):
+    """Reference: one full (prompt + completion) forward per completion, full-vocab log-softmax. Returns (Tc,)."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    full = torch.log_softmax(model(ids).logits[0].float(), -1)  # (T, V)
+    p = len(prompt_ids)
+    return full[p - 1:-1].gather(1, torch.tensor(completion_ids).unsqueeze(1)).squeeze(1)
+
+
+def test_shared_prompt_gradients_match_full_sequences(tiny_policy_factory, taskset):
+    """The shared-prefix forward gives the same loss gradient as one full forward per completion."""
+    policy = tiny_policy_factory()
+    trainer = Trainer(policy, TrainConfig(model="tiny"), taskset)
+    spec = TaskSpec("chain_sum", taskset.tasks["chain_sum"], 0, 5, 1000)
+    group = make_group(spec, ["<answer>5</answer>", "7 and a much longer tail here", "x", "<answer>9"],
+                       [1.0, 0.0, 0.0, 1.0])
+    batch, _ = trainer._sequences([group])
+    weights = torch.tensor([0.3, -1.0, 0.7, 2.0])
+    logp, mask = trainer._completion_logprobs(policy.model, batch)
+    ((logp * mask).sum(1) * weights).sum().backward()
+    fast = [p.grad.clone() for p in policy.model.parameters()]
+    policy.model.zero_grad()
+    total = sum(w * _naive_sequence_logprobs(policy.model, s.prompt_ids, s.completion_ids).sum()
+                for w, s in zip(weights, batch))
+    total.backward()
+    for a, p in zip(fast, policy.model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_micro_batches_share_one_prompt(tiny_policy_factory, taskset):
+    policy = tiny_policy_factory()
+    trainer = Trainer(policy, TrainConfig(model="tiny", micro_batch_size=3), taskset)
+    groups = [make_group(TaskSpec("chain_sum", taskset.tasks["chain_sum"], 0, i, 1000), ["a", "b", "c", "d"],
+                         [1.0, 0.0, 0.0, 0.0]) for i in (6, 7)]
+    sequences, _ = trainer._sequences(groups)
+    batches = trainer._micro_batches(sequences)
+    assert [len(b) for b in batches] == [3, 1, 3, 1]
+    assert all(len({tuple(s.prompt_ids) for s in b}) == 1 for b in batches)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_greedy_generation_matches_transformers_generate(taskset, precision):
+    """The shared-prefix decode loop reproduces `transformers` greedy `generate` (left padding, finished rows
+    dropped), on the fp32 weights and on the bf16 inference copy."""
+    from swarm_node.learning.models import load_policy
+
+    policy = load_policy("tiny", seed=3, precision=precision)
+    trainer = Trainer(policy, TrainConfig(model="tiny"), taskset)
+    specs = [TaskSpec("chain_sum", taskset.tasks["chain_sum"], 0, 8, 1000), TaskSpec("syllogism", {}, 0, 9, 1000)]
+    prompts = [trainer.prompt_text(s) for s in specs]
+    ours = generate(policy, prompts, 2, 12, 1.0, greedy=True)
+    tok = policy.tokenizer
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    from swarm_node.learning.generation import inference_model
+
+    model = inference_model(policy)
+    with torch.no_grad():
+        ref = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+    want = tok.batch_decode(ref[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [c[0] for c in ours.completions] == want
+    assert all(c[0] == c[1] for c in ours.completions)  # greedy: the L samples of a prompt agree
+
+
+def test_sampling_follows_the_generator_seed(tiny_policy_factory, taskset):
+    policy = tiny_policy_factory()
+    trainer = Trainer(policy, TrainConfig(model="tiny"), taskset)
+    prompt = [trainer.prompt_text(TaskSpec("chain_sum", taskset.tasks["chain_sum"], 0, 10, 1000))]
+    a = generate(policy, prompt, 6, 8, 1.0, generator=torch.Generator().manual_seed(1))
+    b = generate(policy, prompt, 6, 8, 1.0, generator=torch.Generator().manual_seed(1))
+    c = generate(policy, prompt, 6, 8, 1.0, generator=torch.Generator().manual_seed(2))
+    assert a.completions == b.completions and a.completions != c.completions
+    assert len(set(a.completions[0])) > 1  # the L samples differ
+
+
+def test_bf16_inference_copy_tracks_the_training_weights(taskset):
+    from swarm_node.learning.generation import inference_model, release_inference_model
+    from swarm_node.learning.models import load_policy
+
+    policy = load_policy("tiny", seed=4, precision="bf16")
+    trainer = Trainer(policy, TrainConfig(model="tiny", learning_rate=1e-2), taskset)
+    spec = TaskSpec("chain_sum", taskset.tasks["chain_sum"], 0, 11, 1000)
+    trainer.step([make_group(spec, ["<answer>1</answer>", "no"], [1.0, 0.0])])  # weights move after a copy existed
+    infer = inference_model(policy)
+    for (name, a), (_, b) in zip(infer.named_parameters(), policy.model.named_parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name
+    for (name, a), (_, b) in zip(infer.named_buffers(), policy.model.named_buffers()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name  # e.g. fp32 rotary frequencies are not rounded
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(infer(x).logits.float(), policy.model(x).logits, atol=0.1)
+    release_inference_model(policy)
+    assert policy._inference_copy is None

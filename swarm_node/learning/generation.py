@@ -1,4 +1,13 @@
-"""Batched sampling of L completions per question."""
+"""Batched sampling of L completions per question, with the prompt's KV cache shared by its L samples.
+
+Design (measured in benchmarks/node_speed.py): `transformers`' `generate(num_return_sequences=L)` copies every
+prompt L times *before* the prefill, so it runs the (long, few-shot) prompt through the model L times and
+materialises (P * L, T, vocab) prefill logits. Here each prompt is prefilled once with `logits_to_keep=1`,
+its KV cache is repeated L times, and the decode loop drops finished rows from the batch. Generation runs on
+a bf16 copy of the weights when the policy uses bf16 (CPUs with AMX/AVX512-bf16, CUDA), refreshed from the
+fp32 training weights on every call, so autocast never re-casts the weights at every decoding step and the
+samples always come from the current policy.
+"""
 
 from __future__ import annotations
 
@@ -25,42 +34,102 @@ def autocast(policy: Policy):
     return torch.autocast(policy.device.type, dtype=policy.autocast_dtype)
 
 
+def inference_model(policy: Policy) -> torch.nn.Module:
+    """The module generation runs on: a bf16 copy of the current weights (bf16 policies) or the model itself.
+
+    The copy is (re)filled from the training weights on every call (about 0.1 s for 135M parameters on CPU) and
+    released with `release_inference_model`, so it never holds stale weights and costs no memory while training.
+    """
+    dtype = policy.autocast_dtype
+    if dtype is None:
+        return policy.model
+    infer = getattr(policy, "_inference_copy", None)
+    if infer is None:  # built on the meta device and filled directly in bf16: no transient fp32 copy
+        with torch.device("meta"):
+            infer = type(policy.model)(policy.model.config)
+        infer = infer.to_empty(device=policy.device).to(dtype).eval().requires_grad_(False)
+        policy._inference_copy = infer
+    with torch.no_grad():
+        for (name, dst), (_, src) in zip(infer.state_dict(keep_vars=True).items(),
+                                         policy.model.state_dict(keep_vars=True).items()):
+            dst.copy_(src)
+        for name, src in policy.model.named_buffers():  # rotary frequencies etc. stay in their own dtype
+            owner, _, attr = name.rpartition(".")
+            getattr(infer.get_submodule(owner), attr).data = src.detach().clone()
+    return infer
+
+
+def release_inference_model(policy: Policy) -> None:
+    """Free the bf16 inference copy (call before training to keep peak memory low)."""
+    policy._inference_copy = None
+
+
+def _pick(logits: torch.Tensor, temperature: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from (B, V) logits: argmax when greedy, else pure sampling at `temperature`."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 @torch.no_grad()
 def generate(policy: Policy, prompts: list[str], num_completions: int, max_new_tokens: int,
-             temperature: float) -> Generated:
-    """Sample `num_completions` completions for every prompt in one batched `generate` call.
+             temperature: float, greedy: bool = False, generator: torch.Generator | None = None) -> Generated:
+    """Sample `num_completions` completions for every prompt in one batch.
 
     Args:
         prompts: P chat-formatted prompt strings (generation prompt already appended).
-        num_completions: L samples per prompt (pure sampling: top_k=0, top_p=1).
+        num_completions: L samples per prompt (pure sampling: no top-k, no top-p).
         max_new_tokens: cap on new tokens per completion.
-        temperature: sampling temperature.
+        temperature: sampling temperature (ignored when greedy).
+        greedy: argmax decoding (held-out evaluation); then use num_completions=1.
+        generator: optional torch RNG for the sampling.
 
     Returns:
         Generated with P lists of L decoded texts (special tokens stripped) and the number of new tokens
-        generated (padding after EOS excluded).
+        generated (each completion's tokens up to and including its EOS).
     """
     tok = policy.tokenizer
-    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    batch = {k: v.to(policy.device) for k, v in batch.items()}
-    model = policy.model
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    device = policy.device
+    input_ids, attention = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (P, T)
+    model = inference_model(policy)
     was_training = model.training
     model.eval()
-    with autocast(policy):
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_completions,
-            pad_token_id=tok.pad_token_id,
-        )  # (P * L, prompt_len + new)
-    model.train(was_training)
-    new = out[:, batch["input_ids"].shape[1]:]  # (P * L, new)
-    eos = tok.eos_token_id
-    finished = (new == eos).cumsum(dim=1)  # tokens after the first EOS are padding
-    num_tokens = int(((finished == 0) | ((finished == 1) & (new == eos))).sum())
-    texts = tok.batch_decode(new, skip_special_tokens=True)
-    return Generated([texts[i * num_completions:(i + 1) * num_completions] for i in range(len(prompts))], num_tokens)
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache()
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (P, T): left padding shifts positions
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        rows = len(prompts) * num_completions
+        logits = out.logits[:, -1].repeat_interleave(num_completions, dim=0)  # (P * L, V)
+        cache.batch_repeat_interleave(num_completions)
+        attention = attention.repeat_interleave(num_completions, dim=0)  # (P * L, T)
+        next_pos = positions[:, -1:].repeat_interleave(num_completions, dim=0) + 1  # (P * L, 1)
+        active = torch.arange(rows, device=device)  # original row of each row still decoding
+        tokens = torch.full((rows, max_new_tokens), tok.pad_token_id, dtype=torch.long, device=device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        eos = tok.eos_token_id
+        for t in range(max_new_tokens):
+            nxt = _pick(logits, temperature, greedy, generator)  # (B,)
+            tokens[active, t] = nxt
+            lengths[active] += 1
+            keep = nxt != eos  # (B,)
+            if t == max_new_tokens - 1 or not bool(keep.any()):
+                break
+            if not bool(keep.all()):  # drop finished rows from the batch and the cache
+                idx = keep.nonzero().squeeze(1)
+                active, nxt, attention, next_pos = active[idx], nxt[idx], attention[idx], next_pos[idx]
+                cache.batch_select_indices(idx)
+            attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
+            out = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=next_pos,
+                        past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1]
+    finally:
+        model.train(was_training)
+    texts = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
+    L = num_completions
+    return Generated([texts[i * L:(i + 1) * L] for i in range(len(prompts))], int(lengths.sum()))

@@ -57,3 +57,16 @@ def select_external(pool: Sequence[Group], num_groups: int, rng: random.Random,
     if len(candidates) <= num_groups:
         return list(candidates)
     return rng.sample(candidates, num_groups)
+
+
+def select_local(groups: Sequence[Group], num_groups: int) -> list[Group]:
+    """The control arm's local filter: keep `num_groups` of the over-sampled local groups, those with signal first
+    (in generation order), then zero-advantage ones to fill up.
+
+    This is "8/0 with local zero-advantage filtering" (shared/SAPO.md, weak points): it gives an all-local node the
+    same filtering that SAPO's external pool gets, by generating more questions than it trains on, so an
+    experiment can separate the gain from sharing from the gain from filtering.
+    """
+    with_signal = [g for g in groups if g.has_signal]
+    without = [g for g in groups if not g.has_signal]
+    return (with_signal + without)[:num_groups]

@@ -181,6 +181,13 @@ class TaskSet:
         name = rng.choice(sorted(self.tasks))
         return TaskSpec(name, self.tasks[name], self.seed, rng.randrange(self.size), self.size)
 
+    def heldout(self, num_questions: int, seed: int) -> list[TaskSpec]:
+        """A fixed held-out set: `num_questions` specs spread round-robin over the tasks (sorted by name), with
+        indices 0, 1, 2, ... of datasets built with `seed`. Every node with the same tasks builds the same set."""
+        names = sorted(self.tasks)
+        return [TaskSpec(names[i % len(names)], self.tasks[names[i % len(names)]], seed, i // len(names), self.size)
+                for i in range(num_questions)]
+
     def messages(self, question: Question) -> list[dict[str, str]]:
         """Chat messages for a question: system prompt, few-shot turns derived from the spec, the question."""
         spec = question.spec

@@ -38,6 +38,7 @@ class Collected:
     groups: list[Group]  # the J (or fewer) sampled external groups
     available: int  # usable groups in the pool before sampling
     peers_seen: int  # distinct peers with a valid manifest in the window
+    wait_s: float = 0.0  # time spent idle, waiting for peers' next round (not swarm work)
 
 
 def group_to_wire(group: Group) -> wire.WireGroup:
@@ -121,6 +122,7 @@ class Collector:
         deadline = time.monotonic() + self.net.collect_timeout_s
         want = self.train.num_external_groups
         fetched, delivered, peers_seen = 0, set(), set()
+        wait_s = 0.0
         while True:
             manifests, rejections = await self.exchange.poll()
             for rej in rejections:
@@ -148,12 +150,14 @@ class Collector:
             waiting_for = {m.peer_id for m in manifests if m.peer_id in live and not self.trust.is_banned(m.peer_id)}
             if not live or waiting_for <= delivered:
                 break  # alone, or every live peer already delivered its newest round
+            t_wait = time.monotonic()
             await asyncio.sleep(0.5)
+            wait_s += time.monotonic() - t_wait
         usable = self.usable()
         chosen = select_external(usable, want, self.rng, self.train.filter_zero_advantage)
         for g in chosen:
             self._used.add(g.content_key())
-        return Collected(chosen, len(usable), len(peers_seen))
+        return Collected(chosen, len(usable), len(peers_seen), wait_s)
 
     def _is_fresh(self, m: wire.Manifest) -> bool:
         """Freshness on the DHT clock (all peers share it within seconds): neither stale nor from the future."""

@@ -1,0 +1,197 @@
+"""Where a node's CPU goes, measured in one run: generation, training, peak memory and swarm overhead.
+
+    python benchmarks/node_speed.py [--threads 1] [--repeats 3] [--swarm-rounds 4] [--skip-swarm]
+
+1. Generation tokens/s of the node's path (`swarm_node.learning.generation.generate`: each prompt prefilled
+   once with its KV cache shared by its L samples, bf16 weight copy, finished rows dropped) vs plain
+   `transformers` `model.generate(num_return_sequences=L, do_sample=True)` on the fp32 model, same prompts
+   (I = 4 `smol` questions with the two-example prompt), L = 8, 32 new tokens. Also vs plain `generate` under
+   bf16 autocast (what the node did before).
+2. Train-step seconds per 1k completion tokens of the node's `Trainer.step` (shared-prompt forward, LM head on
+   completion positions only, bf16 autocast, fused AdamW) vs a naive fp32 step (one full prompt + completion
+   forward per completion, full-vocabulary log-softmax, micro-batch 4, AdamW), same groups.
+3. Peak RSS and the share of round time spent in swarm work (publish + collect minus idle waiting, which
+   includes fetching and verifying peers' groups) from a real 2-node SmolLM2 local swarm (`swarm-node swarm`).
+
+Prints a table and writes benchmarks/results/node_speed.json. Timings depend on machine load, which is
+recorded (os.getloadavg) next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from swarm_node.config import TrainConfig
+from swarm_node.learning.generation import generate
+from swarm_node.learning.models import load_policy
+from swarm_node.learning.sapo import Group
+from swarm_node.learning.tasks import TaskSet, recreate, score
+from swarm_node.learning.trainer import Trainer
+
+I, L, MAX_NEW_TOKENS = 4, 8, 32
+
+
+def plain_generate(policy, prompts: list[str], autocast_bf16: bool) -> int:
+    """Plain transformers sampling, the way a first implementation calls it. Returns new tokens (to first EOS)."""
+    tok = policy.tokenizer
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else torch.autocast("cpu", enabled=False)
+    with torch.no_grad(), ctx:
+        out = policy.model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                    max_new_tokens=MAX_NEW_TOKENS, num_return_sequences=L,
+                                    pad_token_id=tok.pad_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    finished = (new == tok.eos_token_id).cumsum(dim=1)
+    return int(((finished == 0) | ((finished == 1) & (new == tok.eos_token_id))).sum())
+
+
+def naive_step(policy, trainer: Trainer, groups: list[Group], optimizer) -> int:
+    """Reference fp32 GRPO step: full forward per completion, full-vocab log-softmax. Returns completion tokens."""
+    sequences, total = trainer._sequences(groups)
+    optimizer.zero_grad(set_to_none=True)
+    for k in range(0, len(sequences), 4):
+        batch = sequences[k:k + 4]
+        T = max(len(s.prompt_ids) + len(s.completion_ids) for s in batch)
+        ids = torch.full((len(batch), T), policy.tokenizer.pad_token_id)
+        attn = torch.zeros((len(batch), T), dtype=torch.long)
+        for i, s in enumerate(batch):
+            seq = s.prompt_ids + s.completion_ids
+            ids[i, :len(seq)] = torch.tensor(seq)
+            attn[i, :len(seq)] = 1
+        logp_all = F.log_softmax(policy.model(input_ids=ids, attention_mask=attn).logits.float(), -1)  # (B, T, V)
+        loss = 0.0
+        for i, s in enumerate(batch):
+            p, c = len(s.prompt_ids), len(s.completion_ids)
+            lp = logp_all[i, p - 1:p - 1 + c].gather(1, torch.tensor(s.completion_ids).unsqueeze(1)).squeeze(1)
+            loss = loss - s.advantage * lp.sum() / total  # ratio 1 at the first step: the clipped loss's gradient
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+    optimizer.step()
+    return sum(len(s.completion_ids) for s in sequences)
+
+
+def bench_compute(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    taskset = TaskSet("smol", [], -1, 0, 100_000)
+    rng = random.Random(0)
+    node = load_policy("smollm2-135m", precision="auto")
+    fp32 = load_policy("smollm2-135m", precision="fp32")
+    trainer = Trainer(node, TrainConfig(), taskset)
+    gen_rows = {"node": [], "plain_fp32": [], "plain_bf16_autocast": []}
+    groups_per_repeat = []
+    for rep in range(args.repeats):
+        specs = [taskset.draw(rng) for _ in range(I)]
+        prompts = [trainer.prompt_text(s) for s in specs]
+        t0 = time.perf_counter()
+        out = generate(node, prompts, L, MAX_NEW_TOKENS, 1.0)
+        gen_rows["node"].append(out.num_tokens / (time.perf_counter() - t0))
+        for name, bf16 in (("plain_fp32", False), ("plain_bf16_autocast", True)):
+            t0 = time.perf_counter()
+            n = plain_generate(fp32, prompts, bf16)
+            gen_rows[name].append(n / (time.perf_counter() - t0))
+        groups = []
+        for spec, completions in zip(specs, out.completions):
+            rewards = [score(recreate(spec), c) for c in completions]
+            rewards[0] = 1.0 - rewards[0] if max(rewards) == min(rewards) else rewards[0]  # every group trains
+            groups.append(Group(spec, completions, rewards, "bench", 1, 0, node.name))
+        groups_per_repeat.append(groups)
+        print(f"repeat {rep + 1}: tokens/s node {gen_rows['node'][-1]:.0f}, plain fp32 {gen_rows['plain_fp32'][-1]:.0f}, "
+              f"plain bf16 {gen_rows['plain_bf16_autocast'][-1]:.0f}", flush=True)
+    train_rows = {"node": [], "naive_fp32": []}
+    naive_trainer = Trainer(fp32, TrainConfig(precision="fp32"), taskset)
+    naive_opt = torch.optim.AdamW(fp32.model.parameters(), lr=2e-5, weight_decay=0.0)
+    for groups in groups_per_repeat:
+        t0 = time.perf_counter()
+        stats = trainer.step(groups)
+        completion_tokens = sum(len(node.tokenizer(c, add_special_tokens=False)["input_ids"][:MAX_NEW_TOKENS]) + 1
+                                for g in groups for c in g.completions)
+        train_rows["node"].append((time.perf_counter() - t0) / completion_tokens * 1000)
+        t0 = time.perf_counter()
+        n = naive_step(fp32, naive_trainer, groups, naive_opt)
+        train_rows["naive_fp32"].append((time.perf_counter() - t0) / n * 1000)
+        print(f"train s/1k tokens: node {train_rows['node'][-1]:.2f}, naive fp32 {train_rows['naive_fp32'][-1]:.2f} "
+              f"({stats.num_sequences} sequences)", flush=True)
+    med = {k: statistics.median(v) for k, v in {**gen_rows, **{f"train_{k}": v for k, v in train_rows.items()}}.items()}
+    return {
+        "generation_tokens_per_s": {k: statistics.median(v) for k, v in gen_rows.items()},
+        "generation_ratio_vs_plain_fp32": med["node"] / med["plain_fp32"],
+        "generation_ratio_vs_plain_bf16_autocast": med["node"] / med["plain_bf16_autocast"],
+        "train_s_per_1k_tokens": {k: statistics.median(v) for k, v in train_rows.items()},
+        "train_speedup_vs_naive_fp32": med["train_naive_fp32"] / med["train_node"],
+        "raw": {"generation": gen_rows, "train": train_rows},
+    }
+
+
+def bench_swarm(args) -> dict:
+    """A real 2-node SmolLM2 local swarm with the default settings; per-round phases from metrics.jsonl."""
+    out = Path(tempfile.mkdtemp(prefix="node-speed-"))
+    cmd = [sys.executable, "-m", "swarm_node.cli", "swarm", "--nodes", "2", "--rounds", str(args.swarm_rounds),
+           "--output-dir", str(out), "--metrics-port", "-1"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=3600)
+    rows = [json.loads(x) for n in (0, 1) for x in (out / f"node{n}" / "metrics.jsonl").read_text().splitlines()]
+    work = [m["publish_s"] + m["collect_s"] - m["collect_wait_s"] for m in rows]
+    return {
+        "rounds": len(rows),
+        "peak_rss_mb": max(m["peak_rss_mb"] for m in rows),
+        "swarm_share": sum(work) / sum(m["round_s"] for m in rows),
+        "swarm_work_s_per_round": statistics.fmean(work),
+        "verify_ms_per_group": statistics.fmean(m["verify_ms_per_group"] for m in rows),
+        "phase_s_per_round": {k: statistics.fmean(m[k] for m in rows)
+                              for k in ("generate_s", "publish_s", "collect_s", "collect_wait_s", "train_s", "round_s")},
+        "external_groups_used_per_round": statistics.fmean(m["external_groups_used"] for m in rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a node of a 2-node swarm gets 1)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--swarm-rounds", type=int, default=4)
+    parser.add_argument("--skip-swarm", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/node_speed.json")
+    args = parser.parse_args()
+    result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "torch": torch.__version__, "threads": args.threads},
+              "load_average_before": os.getloadavg()}
+    result.update(bench_compute(args))
+    if not args.skip_swarm:
+        result["swarm"] = bench_swarm(args)
+    result["load_average_after"] = os.getloadavg()
+    table = Table(title=f"node speed (SmolLM2-135M, I={I}, L={L}, {MAX_NEW_TOKENS} new tokens, {args.threads} thread(s))")
+    for col in ("measure", "node", "reference", "ratio", "target"):
+        table.add_column(col)
+    g = result["generation_tokens_per_s"]
+    table.add_row("generation tokens/s", f"{g['node']:.0f}", f"{g['plain_fp32']:.0f} (plain generate, fp32)",
+                  f"{result['generation_ratio_vs_plain_fp32']:.2f}x", ">= 2x")
+    table.add_row("", "", f"{g['plain_bf16_autocast']:.0f} (plain generate, bf16 autocast)",
+                  f"{result['generation_ratio_vs_plain_bf16_autocast']:.2f}x", "")
+    t = result["train_s_per_1k_tokens"]
+    table.add_row("train s / 1k completion tokens", f"{t['node']:.2f}", f"{t['naive_fp32']:.2f} (naive fp32)",
+                  f"{result['train_speedup_vs_naive_fp32']:.2f}x faster", "")
+    if "swarm" in result:
+        s = result["swarm"]
+        table.add_row("peak RSS of a node, MB", f"{s['peak_rss_mb']:.0f}", "", "", "<= 3072")
+        table.add_row("swarm share of round time", f"{100 * s['swarm_share']:.2f}%", "", "", "<= 2%")
+    Console().print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
