@@ -3,7 +3,7 @@
     python protocols/make_vectors.py
 
 Each vector is `NAME.msgpack` (the exact bytes on the wire) next to `NAME.json`, its twin:
-{"message": "Manifest" | "RolloutPayload" | "FetchRequest", "valid": bool, "value": {...} (valid only),
+{"message": "Manifest" | "RolloutPayload" | "FetchRequest" | "MergeGather" | "MergeStateInfo", "valid": bool, "value": {...} (valid only),
  "reason": "<reject reason>" (invalid only), "why": "..."}. In JSON, a msgpack bin field is {"$bin": "<hex>"}.
 A wire change shows up as a diff of these files; tests/test_protocol_vectors.py checks the code against them.
 """
@@ -24,6 +24,9 @@ SPEC = {"dataset": "chain_sum", "config": {"min_terms": 2, "max_terms": 2, "min_
 GROUP = {"spec": SPEC, "completions": ["<answer>9</answer>", "<answer>8</answer>", "nine"], "rewards": [1.0, 0.0, 0.0]}
 PAYLOAD = {"version": [1, 0], "peer_id": "QmXf2tinhvF778V2YdBTCPoPwGmbWrEpXTYhHqfiASa9PV", "round": 7,
            "policy_version": 6, "model": "smollm2-135m", "groups": [GROUP]}
+
+
+FINGERPRINT = "5d41402abc4b2a76b9719d911017c592" * 2
 
 
 def manifest_for(payload_bytes: bytes) -> dict:
@@ -101,6 +104,22 @@ def main() -> None:
     bad("manifest_too_large", "Manifest", msgpack.packb(manifest) + b"\x00" * 1024, "too_large",
         "a manifest is at most 1024 bytes")
     bad("manifest_negative_round", "Manifest", {**manifest, "round": -1}, "schema", "round must be >= 0")
+
+    gather = {"version": [1, 0], "mode": "params", "fingerprint": FINGERPRINT, "sums": [12.5, -0.25, 3.0, 0.125],
+              "weight": 1.0, "anchor": [], "merges": 2, "priority": 2.3125, "optimizer_step": 10}
+    write("merge_gather_valid", "MergeGather",
+          wire.encode(wire.MergeGather.model_validate({**gather, "version": (1, 0)})), True, gather,
+          why="checksums (sum, alternating sum) of two segments, sent in hivemind's gather when a merge starts")
+    info = {"version": [1, 0], "mode": "diloco", "fingerprint": FINGERPRINT, "merges": 3, "sums": [1.5, 0.5]}
+    write("merge_state_info_valid", "MergeStateInfo",
+          wire.encode(wire.MergeStateInfo.model_validate({**info, "version": (1, 0)})), True, info,
+          why="metadata of a downloaded merge state: the checksums of the tensors that follow")
+    bad("merge_gather_nan_checksum", "MergeGather", dict(gather, sums=[math.nan, 0.0]), "schema",
+        "checksums must be finite")
+    bad("merge_gather_bad_fingerprint", "MergeGather", dict(gather, fingerprint="not-hex"), "schema",
+        "the fingerprint is 64 lowercase hex characters (sha256)")
+    bad("merge_gather_odd_checksums", "MergeGather", dict(gather, sums=[1.0, 2.0, 3.0]), "schema",
+        "checksums come in (sum, alternating sum) pairs")
     print(f"wrote {len(list(OUT.glob('*.json')))} vectors to {OUT}")
 
 

@@ -187,6 +187,71 @@ class NetworkConfig(_Section):
     startup_timeout_s: float = Field(30.0, gt=0, description="Deadline for the p2p daemon and DHT to start, seconds.")
 
 
+class MergeConfig(_Section):
+    """Merging weights or averaging gradients with peers that run the same model (docs/merging.md).
+
+    Only peers whose model fingerprint (architecture, parameter names, shapes and dtypes) matches meet in an
+    averaging group; all peers keep sharing rollouts whatever their model.
+    """
+
+    merge_mode: Literal["off", "params", "diloco", "grad"] = Field(
+        "off",
+        description="`off`: no merging. `params`: on schedule, replace the weights with the group mean. `diloco`: "
+        "on schedule, average pseudo-gradients (weights at the last sync minus weights now) and take an outer "
+        "Nesterov step (DiLoCo). `grad`: hivemind.Optimizer averages gradients every grad_target_batch_size "
+        "samples so the group trains one model.",
+    )
+    merge_schedule: Literal["every_k", "late", "off"] = Field(
+        "every_k",
+        description="When params/diloco merges happen. `every_k`: every merge_every_rounds rounds. `late`: the same "
+        "number of merges (rounds // merge_every_rounds) placed more densely toward the end of the run, the last "
+        "one in the final round (needs --rounds). `off`: never merge, but still load the group's state at start.",
+    )
+    merge_every_rounds: int = Field(
+        5, ge=1, description="K: merge every K rounds (every_k); for `late`, rounds // K is the number of merges."
+    )
+    merge_compression: Literal["none", "fp16", "8bit"] = Field(
+        "fp16",
+        description="Compression of averaged tensors on the wire: `none` (exact to float32 rounding), `fp16` (half "
+        "the bytes, about 3e-4 relative error per value), `8bit` (hivemind's uniform 8-bit quantization, a quarter "
+        "of the bytes, with swarm-node's fix for numpy >= 2.4; about 1.5% of a part's standard deviation per value "
+        "and more for outliers, so meant for diloco's pseudo-gradients rather than params' absolute weights).",
+    )
+    merge_min_group_size: int = Field(
+        2, ge=2, description="Smallest averaging group (this node included); with fewer peers the merge is skipped."
+    )
+    merge_target_group_size: int = Field(
+        0, ge=0, description="A group starts averaging as soon as it has this many peers; 0 means no limit (groups "
+        "form when the matchmaking window closes). Keep it >= the number of same-model peers: hivemind 1.1.12 "
+        "splits larger swarms unreliably. The local swarm launcher sets it to --nodes.",
+    )
+    merge_matchmaking_timeout_s: float = Field(
+        10.0, gt=0, description="How long a merge waits for same-model peers to form a group, seconds. It must "
+        "cover the spread between peers' round ends."
+    )
+    merge_allreduce_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline for the all-reduce once a group has formed, seconds; a peer silent for a "
+        "sixth of it is dropped from the round."
+    )
+    merge_state_load_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline for downloading the group's state from a peer (late join, restart, "
+        "repair), seconds."
+    )
+    merge_optimizer_state: Literal["keep", "reset", "average"] = Field(
+        "keep",
+        description="What a params/diloco merge does to the local AdamW state. `keep`: leave it (DiLoCo's choice). "
+        "`reset`: clear it after every applied merge. `average`: average the AdamW moments with the group too "
+        "(three times the traffic).",
+    )
+    diloco_outer_lr: float = Field(0.7, gt=0, description="DiLoCo outer learning rate (0.7 in the DiLoCo paper).")
+    diloco_outer_momentum: float = Field(
+        0.9, ge=0, lt=1, description="DiLoCo outer Nesterov momentum (0.9 in the DiLoCo paper)."
+    )
+    grad_target_batch_size: int = Field(
+        64, ge=1, description="grad mode: sequences the whole group accumulates before one shared optimizer step."
+    )
+
+
 class NodeConfig(_Section):
     """The whole node: where it writes, how long it runs, and its sections."""
 
@@ -216,6 +281,7 @@ class NodeConfig(_Section):
     tasks: TaskConfig = Field(default_factory=TaskConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "NodeConfig":
@@ -225,6 +291,18 @@ class NodeConfig(_Section):
             raise ValueError("task_preset=custom needs at least one entry in `tasks` (e.g. --tasks chain_sum)")
         if self.network.max_payload_bytes < 1024:
             raise ValueError("max_payload_bytes below 1 KiB cannot carry a single group; raise it")
+        m = self.merge
+        if m.merge_mode in ("params", "diloco") and m.merge_schedule == "late" and self.rounds == 0:
+            raise ValueError("merge_schedule=late places merges relative to the end of the run: set --rounds, or use "
+                             "--merge-schedule every_k for an open-ended run")
+        if m.merge_target_group_size and m.merge_target_group_size < m.merge_min_group_size:
+            raise ValueError("merge_target_group_size is below merge_min_group_size: raise it or set 0 (no limit)")
+        if m.merge_mode == "grad" and self.train.steps_per_round > 1:
+            raise ValueError("merge_mode=grad takes one shared optimizer step per accumulated batch: set "
+                             "--steps-per-round 1")
+        if m.merge_mode == "grad" and m.merge_optimizer_state != "keep":
+            raise ValueError("merge_optimizer_state applies to params and diloco; in grad mode the group shares one "
+                             "optimizer: leave it at keep")
         return self
 
     @property
@@ -232,7 +310,7 @@ class NodeConfig(_Section):
         return Path(self.network.identity_path or Path(self.output_dir) / "identity.key")
 
 
-SECTIONS = ("tasks", "train", "network")
+SECTIONS = ("tasks", "train", "network", "merge")
 
 
 def leaf_fields() -> dict[str, tuple[str | None, Any]]:

@@ -66,6 +66,8 @@ class LocalSwarm:
             self.overrides["torch_threads"] = max(1, (os.cpu_count() or 1) // num_nodes)
         if self.config.network.min_peers == 0:  # start all nodes together
             self.overrides["min_peers"] = num_nodes - 1
+        if self.config.merge.merge_mode != "off" and self.config.merge.merge_target_group_size == 0:
+            self.overrides["merge_target_group_size"] = max(num_nodes, self.config.merge.merge_min_group_size)
         self.resume = resume
         self.procs: list[subprocess.Popen] = []
         self._printed: list[int] = [0] * num_nodes
@@ -154,6 +156,8 @@ class LocalSwarm:
                     f"/{m['external_groups_available']} | peers {m['peers_seen']} | "
                     f"gen {m['generate_s']:.1f}s collect {m['collect_s']:.1f}s train {m['train_s']:.1f}s "
                     f"| {m['round_s']:.1f}s"
+                    + (f" | merge {m['merge_outcome']} ({m['merge_group_size']} peers, {m['merge_s']:.1f}s)"
+                       if m.get("merge_outcome") else "")
                 )
             self._printed[i] = len(rows)
             done.append(len(rows))

@@ -10,7 +10,8 @@ One round (SAPO, arXiv 2509.08721, section 3; see shared/SAPO.md):
 and score them with the strict verifier; 3. publish the groups (manifest in the DHT, payload over streams);
 4. collect peers' latest groups (fresh within `max_staleness_s` on the DHT clock), re-create every question from
 its spec and re-score every completion locally, drop zero-advantage groups, sample J; 5. one GRPO step on
-local + external groups; 6. append a line to metrics.jsonl.
+local + external groups; 6. if merging is on (`merge_mode`, swarm_node/network/merging/), merge with peers of the
+same model when the schedule says so; 7. append a line to metrics.jsonl.
 
 Each node keeps its own round counter; it never has to agree with anyone else's (a node that restarts from a
 checkpoint or joins late simply continues its own count). DHT keys therefore hold no round number: readers
@@ -87,6 +88,7 @@ class Node:
         logging.getLogger("swarm_node").addHandler(self.telemetry.problem)
         self.metrics_url: str | None = None
         self._lag_task: asyncio.Task | None = None
+        self.merger = None  # swarm_node.network.merging: WeightMerger, GradMerger or None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -120,6 +122,9 @@ class Node:
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
         with progress.task("loading the latest checkpoint"):
             await self._in_thread(self._resume)
+        if self.merger is not None:  # a late or restarted node catches up with its merge group first
+            with progress.task("loading the merge group's state from peers"):
+                await self._in_thread(self.merger.load_state)
         self._start_telemetry()
         # announce readiness: peers wait for the next round of every peer that has announced itself
         await self.exchange.publish(self._payload(self.round, []))
@@ -129,8 +134,10 @@ class Node:
         from swarm_node.learning.models import ModelError, estimate_memory_mb
 
         t = self.config.train
+        from swarm_node.network.merging import param_copies
+
         need_mb = estimate_memory_mb(t.model, t.micro_batch_size, t.num_local_groups * t.num_completions,
-                                     t.max_new_tokens)
+                                     t.max_new_tokens, extra_param_copies=param_copies(self.config.merge))
         limit_mb = t.memory_limit_mb or psutil.virtual_memory().available / 2**20
         if need_mb > limit_mb:
             raise ModelError(
@@ -187,6 +194,13 @@ class Node:
         p2p = await asyncio.wait_for(self.dht.replicate_p2p(), net.startup_timeout_s)
         self.exchange = RolloutExchange(self.dht, p2p, self.validator, net)
         await self.exchange.start()
+        if self.config.merge.merge_mode != "off":
+            from swarm_node.network.merging import create_merger
+
+            # hivemind averagers must start in the main thread (this one) and add child processes
+            self.merger = create_merger(self.config, self.dht, self.policy, self.trainer, self.identity.private_key)
+            self._children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+            record_children(self.out_dir / "node.pids", self._children)
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
         if not net.initial_peers:
             log.info("started a new swarm; others join with --initial-peers %s", " ".join(self.maddrs))
@@ -255,6 +269,11 @@ class Node:
                 await asyncio.wait_for(self.exchange.stop(), 5)
             except Exception as e:
                 log.debug("exchange stop: %r", e)
+        if self.merger is not None:
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.merger.shutdown), 15)
+            except Exception as e:
+                log.debug("merger shutdown: %r", e)
         if self.dht is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.dht.shutdown)
         self._children += [p for p in psutil.Process().children(recursive=True) if p not in self._children]
@@ -347,7 +366,7 @@ class Node:
             raise ModelError(f"the checkpoints in {self.checkpoints.directory} do not fit --model "
                              f"{self.config.train.model} ({str(e)[:120]}); use the model they were trained with or "
                              "move that directory away to start over") from None
-        for group in self.trainer.optimizer.param_groups:  # the configured learning rate wins over the saved one
+        for group in self.trainer.base_optimizer.param_groups:  # the configured learning rate wins over the saved one
             group["lr"] = self.config.train.learning_rate
         self.trainer.policy_version = state["policy_version"]
         self.rng.setstate(state["task_rng"])
@@ -448,6 +467,11 @@ class Node:
             stats = await self._in_thread(self._train, local + external)
         train_s = time.perf_counter() - t0
 
+        merge_metrics: dict[str, Any] = {}
+        if self.merger is not None:
+            with progress.task(f"round {r}: merging with peers of the same model"):
+                merge_metrics = await self._in_thread(self.merger.maybe_merge, r)
+
         local_rewards = [x for g in generated for x in g.rewards]  # every completion this node generated
         train_rewards = [x for g in local + external for x in g.rewards]
         return {
@@ -486,6 +510,7 @@ class Node:
             "round_s": round(time.perf_counter() - t_round, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "time_s": time.time(),
+            **merge_metrics,
         }
 
     def _payload(self, r: int, groups: list[Group]) -> wire.RolloutPayload:

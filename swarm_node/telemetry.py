@@ -59,12 +59,17 @@ class Telemetry:
         self.bytes = Counter("bytes", "Rollout payload bytes by direction", ["direction"], **kw)
         self.phase_s = Gauge("phase_seconds", "Seconds spent in each phase, last round", ["phase"], **kw)
         self.loop_lag_s = Gauge("event_loop_lag_seconds", "Event-loop lag, last sample", **kw)
+        self.merges = Counter("merges", "Scheduled merges by outcome (merged, repaired, alone, no_group, failed)",
+                              ["outcome"], **kw)
+        self.merge_bytes = Counter("merge_bytes", "Merge traffic (tensor payloads) by direction", ["direction"], **kw)
+        self.merge_s = Gauge("merge_seconds", "Seconds spent in the last scheduled merge", **kw)
         self.last_progress_s = time.time()
         self.recent: deque[dict[str, Any]] = deque(maxlen=10)
         self.info: dict[str, Any] = {"state": "starting"}
         self.problem = LastProblem()
         self._seen_rejects: dict[str, int] = {}
         self._last_bytes = {"in": 0, "out": 0}
+        self._last_merge_bytes = {"in": 0, "out": 0}
         self._server: ThreadingHTTPServer | None = None
 
     def observe_round(self, m: dict[str, Any], received_groups: int) -> None:
@@ -88,6 +93,14 @@ class Telemetry:
             self._last_bytes[direction] = m[key]
         for phase in PHASES:
             self.phase_s.labels(phase).set(m[f"{phase}_s"])
+        if m.get("merge_outcome"):
+            self.merges.labels(m["merge_outcome"]).inc()
+            self.merge_s.set(m["merge_s"])
+        for direction in ("in", "out"):
+            total = m.get(f"merge_bytes_{direction}")
+            if total is not None:
+                self.merge_bytes.labels(direction).inc(max(0, total - self._last_merge_bytes[direction]))
+                self._last_merge_bytes[direction] = total
         self.recent.append({k: m[k] for k in ("round", "reward_local_mean", "reward_train_mean", "external_groups_used",
                                               "peers_seen", "loss", "round_s")})
         self.last_progress_s = time.time()

@@ -10,10 +10,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
-import psutil
 import pytest
+
+from nodes import Proc, session_processes
 
 pytestmark = pytest.mark.slow
 
@@ -22,87 +22,13 @@ FLAGS = ["--model", "tiny", "--num-local-groups", "2", "--num-completions", "3",
          "--fetch-timeout-s", "3", "--checkpoint-every-rounds", "1", "--torch-threads", "1"]
 
 
-class Proc:
-    def __init__(self, out: Path, initial_peers: list[str]):
-        self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "node.json").unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "swarm_node.cli", "run", "--output-dir", str(out), *FLAGS]
-        if initial_peers:
-            argv += ["--initial-peers", *initial_peers]
-        self.log = open(out / "node.log", "a")
-        self.popen = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.sessions = {self.popen.pid}
-
-    def info(self, timeout_s=120) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.popen.poll() is None, (self.out / "node.log").read_text()[-2000:]
-            if (self.out / "node.json").exists():
-                return json.loads((self.out / "node.json").read_text())
-            time.sleep(0.2)
-        raise AssertionError(f"{self.out} did not start")
-
-    def rows(self) -> list[dict]:
-        path = self.out / "metrics.jsonl"
-        rows = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                break
-        return rows
-
-    def wait_rounds(self, n: int, timeout_s=120) -> list[dict]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            rows = self.rows()
-            if len(rows) >= n:
-                return rows
-            assert self.popen.poll() is None, (self.out / "node.log").read_text()[-2000:]
-            time.sleep(0.2)
-        raise AssertionError(f"{self.out}: fewer than {n} rounds after {timeout_s} s: {len(self.rows())}")
-
-    def restart(self, initial_peers: list[str]) -> None:
-        self.log.close()
-        sessions = self.sessions
-        self.__init__(self.out, initial_peers)
-        self.sessions |= sessions
-
-    def cleanup(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        for sid in self.sessions:
-            try:
-                os.killpg(sid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self.popen.wait()
-        self.log.close()
-
-
-def session_processes(sid: int) -> list[int]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                found.append(proc.pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return found
-
-
 def test_churn_kill9_bootstrap_death_restart_and_late_joiner(tmp_path):
     nodes: dict[str, Proc] = {}
     try:
-        nodes["n0"] = Proc(tmp_path / "n0", [])
+        nodes["n0"] = Proc(tmp_path / "n0", [], FLAGS)
         boot = nodes["n0"].info()["multiaddrs"]
         for name in ("n1", "n2", "n3"):
-            nodes[name] = Proc(tmp_path / name, boot)
+            nodes[name] = Proc(tmp_path / name, boot, FLAGS)
         infos = {name: p.info() for name, p in nodes.items()}
         for p in nodes.values():
             p.wait_rounds(2)
@@ -155,7 +81,7 @@ def test_churn_kill9_bootstrap_death_restart_and_late_joiner(tmp_path):
         assert "left running by a previous run" in (n2.out / "node.log").read_text()
 
         # 4. a late joiner receives rollouts within 3 rounds
-        nodes["n4"] = Proc(tmp_path / "n4", [infos["n3"]["multiaddrs"][0]])
+        nodes["n4"] = Proc(tmp_path / "n4", [infos["n3"]["multiaddrs"][0]], FLAGS)
         late = nodes["n4"].wait_rounds(3)
         assert any(r["external_groups_used"] > 0 for r in late[:3]), late
         print(f"kill -9 to rejoined: {rejoin_s:.1f} s; rounds lost: 0")

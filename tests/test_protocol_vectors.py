@@ -12,6 +12,8 @@ DECODERS = {
     "Manifest": wire.decode_manifest,
     "RolloutPayload": lambda data: wire.decode_payload(data, wire.MAX_GROUPS_PER_PAYLOAD * 1 << 20),
     "FetchRequest": wire.decode_request,
+    "MergeGather": wire.decode_merge_gather,
+    "MergeStateInfo": wire.decode_merge_state_info,
 }
 
 

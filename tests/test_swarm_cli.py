@@ -1,4 +1,5 @@
-"""Smoke test of the real CLI: `swarm-node swarm` with the tiny model, checked through metrics.jsonl."""
+"""Smoke test of the real CLI: `swarm-node swarm` with the tiny model and weight merging every round, checked
+through metrics.jsonl."""
 
 import json
 import subprocess
@@ -18,10 +19,11 @@ def test_local_swarm_of_three_exchanges_rollouts_and_cleans_up(tmp_path):
     out = tmp_path / "swarm"
     cmd = [sys.executable, "-m", "swarm_node.cli", "swarm", "--nodes", "3", "--rounds", "3", "--model", "tiny",
            "--output-dir", str(out), "--no-filter-zero-advantage", "--num-local-groups", "2",
-           "--num-external-groups", "2", "--num-completions", "3", "--max-new-tokens", "8"]
+           "--num-external-groups", "2", "--num-completions", "3", "--max-new-tokens", "8",
+           "--merge-mode", "params", "--merge-every-rounds", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    peer_ids, pids = set(), []
+    peer_ids, pids, checksums = set(), [], []
     for i in range(3):
         info = json.loads((out / f"node{i}" / "node.json").read_text())
         peer_ids.add(info["peer_id"])
@@ -35,7 +37,13 @@ def test_local_swarm_of_three_exchanges_rollouts_and_cleans_up(tmp_path):
         assert all(r["external_groups_used"] > 0 for r in rows[1:]), rows
         assert rows[-1]["peers_seen"] == 2
         assert rows[-1]["bytes_in"] > 0 and rows[-1]["rejected"] == {}
+        # the launcher set the target group size to 3, so every round ended with a merge of all three
+        assert [(r["merge_outcome"], r["merge_group_size"]) for r in rows] == [("merged", 3)] * 3, rows
+        assert rows[-1]["merge_bytes_out"] > 0 and rows[-1]["merges_failed"] == 0
+        checksums.append(rows[-1]["merge_checksum"])
     assert len(peer_ids) == 3
+    (sum0, norm0) = checksums[0]  # equal weights, up to fp16 compression (the default) of each member's share
+    assert all(abs(s - sum0) < 1e-3 * norm0 and abs(n - norm0) < 1e-4 * norm0 for s, n in checksums), checksums
     report = subprocess.run([sys.executable, "-m", "swarm_node.cli", "report", str(out)], capture_output=True,
                             text=True, timeout=120)
     assert report.returncode == 0, report.stderr

@@ -68,6 +68,17 @@ class Trainer:
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
         self.policy_version = 0
+        self._collaborative = False
+
+    def use_collaborative_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step through `optimizer` (a hivemind.Optimizer wrapping this trainer's AdamW), passing each step's
+        number of sequences as its batch size (merge_mode = grad)."""
+        self.optimizer, self._collaborative = optimizer, True
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW itself (inside a hivemind.Optimizer in grad mode)."""
+        return getattr(self.optimizer, "opt", self.optimizer)
 
     def prompt_text(self, spec: TaskSpec) -> str:
         """The local chat prompt for a question (re-created from its spec; never a peer's text)."""
@@ -181,7 +192,10 @@ class Trainer:
                 clip_fracs.append(stats["clip_fraction"])
                 kls.append(stats["kl"])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm))
-            self.optimizer.step()
+            if self._collaborative:
+                self.optimizer.step(batch_size=len(sequences))
+            else:
+                self.optimizer.step()
             self.policy_version += 1
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(total_loss, len(sequences), total_tokens, grad_norm,

@@ -1,10 +1,13 @@
 """The wire protocol in one place: typed, frozen message structs and their msgpack codec.
 
-Two messages cross the network (spec: protocols/PROTOCOL.md):
+Messages that cross the network (spec: protocols/PROTOCOL.md):
 - `Manifest`: a small per-peer, per-round record stored in the DHT (signed by the publisher through
   hivemind's RSASignatureValidator). It announces how many groups a peer published and the sha256 and size
   of the payload.
 - `RolloutPayload`: the round's groups, moved over a libp2p stream from the publisher to each reader.
+- `MergeGather`: what a peer tells its averaging group when a merge starts (hivemind's `gather`): the
+  checksums of the tensors it contributes, so every member can verify the result (network/merging/).
+- `MergeStateInfo`: the metadata that comes with a peer's merged state when another peer downloads it.
 
 Versioning: every message carries `version = [major, minor]`. Decoders ignore unknown fields, default
 missing optional fields, and reject another major version. Nothing is ever pickled.
@@ -19,7 +22,7 @@ import math
 from typing import Annotated, Any
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
@@ -32,6 +35,8 @@ MAX_COMPLETIONS_PER_GROUP = 64
 MAX_COMPLETION_CHARS = 8192
 MAX_NAME_CHARS = 128
 MAX_CONFIG_BYTES = 2048
+MAX_MERGE_SEGMENTS = 256  # checksum segments per merge (tensors are grouped to at most this many)
+MAX_MERGE_MESSAGE_BYTES = 16 * 1024
 
 
 class WireError(Exception):
@@ -137,6 +142,52 @@ class FetchRequest(_Message):
     round: NonNegInt
 
 
+FiniteFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Fingerprint = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def _pairs(v: list[float]) -> list[float]:
+    if len(v) % 2:
+        raise ValueError("checksums come in (sum, alternating sum) pairs")
+    return v
+
+
+Checksums = Annotated[list[FiniteFloat], Field(min_length=2, max_length=2 * MAX_MERGE_SEGMENTS), AfterValidator(_pairs)]
+
+
+class MergeGather(_Message):
+    """A peer's contribution to one averaging round, sent to every group member before the all-reduce.
+
+    `sums` holds two float64 linear checksums per segment of the averaged tensors (the plain sum and the
+    alternating-sign sum, flattened as [s0, a0, s1, a1, ...]); the mean of the members' sums, weighted by
+    `weight`, is what every member's averaged tensors must sum to. `anchor` is the (sum, L2 norm) of the
+    weights at the last sync (diloco only). `priority` is the peer's state-sharing priority (verified merges
+    plus a tie-breaker), `optimizer_step` its AdamW step count.
+    """
+
+    mode: Name
+    fingerprint: Fingerprint
+    sums: Checksums
+    weight: Annotated[FiniteFloat, Field(gt=0, le=1e6)] = 1.0
+    anchor: Annotated[list[FiniteFloat], Field(max_length=2)] = []
+    merges: NonNegInt = 0
+    priority: FiniteFloat = 0.0
+    optimizer_step: NonNegInt = 0
+
+
+class MergeStateInfo(_Message):
+    """Metadata of a peer's shared state (the weights at its last verified merge, plus the DiLoCo momentum).
+
+    `sums` are the checksums (as in MergeGather) of the tensors that follow it, so the downloader can check
+    that it received what the peer meant to send.
+    """
+
+    mode: Name
+    fingerprint: Fingerprint
+    merges: NonNegInt
+    sums: Checksums
+
+
 def encode(message: BaseModel) -> bytes:
     """msgpack encoding of a message (maps with string keys, bytes as bin, tuples as arrays)."""
     return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
@@ -180,3 +231,13 @@ def decode_request(data: bytes) -> FetchRequest:
 
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+def decode_merge_gather(data: bytes) -> MergeGather:
+    """Decode a group member's MergeGather. Raises WireError."""
+    return _decode(MergeGather, data, MAX_MERGE_MESSAGE_BYTES)
+
+
+def decode_merge_state_info(data: bytes) -> MergeStateInfo:
+    """Decode the metadata of a downloaded state. Raises WireError."""
+    return _decode(MergeStateInfo, data, MAX_MERGE_MESSAGE_BYTES)

@@ -1,0 +1,190 @@
+"""hivemind's DecentralizedAverager, instrumented: bytes moved, hivemind's own failure signals, a chosen state.
+
+`MergeAverager` changes nothing in the all-reduce. It adds three things:
+- **Bytes.** Every tensor part this peer serializes (its contributions, and the averaged parts it returns as a
+  reducer) counts as sent, every part it deserializes as received, including state downloads. The counters
+  are shared memory written by the averager's child process, so the node reads them without a round trip.
+  They count tensor payloads as encoded (protobuf `Tensor` messages), not libp2p framing.
+- **Failure signals.** hivemind 1.1.12 can finish a round "successfully" after a peer died: the parts that
+  peer should have averaged fall back to this peer's own values (`failed_size`), and senders that stopped
+  mid-round are left out of the parts they did not send (`banned_senders`). Both are recorded per round.
+- **State.** Peers that download this peer's state (`load_state_from_peers`) get what `state_fn` returns (the
+  weights at the last verified merge), not the tensors being averaged right now.
+
+Averagers are created with `start_in_main_thread`: hivemind requires the main thread and sets SIGINT to
+"ignore" in the parent when it starts one; the previous handler is restored, so Ctrl-C keeps working.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import signal
+import threading
+from typing import Any, Callable, Sequence
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
+from hivemind.compression.quantization import Uniform8BitQuantization
+from hivemind.proto import runtime_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
+
+log = logging.getLogger(__name__)
+
+
+def make_compression(name: str) -> CompressionBase:
+    """none, fp16 or 8bit (hivemind's uniform 8-bit, decodable thanks to hivemind_patch)."""
+    return {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}[name]()
+
+
+class Traffic:
+    """Bytes sent and received by one averager process (shared memory, written by the child)."""
+
+    def __init__(self):
+        self.sent = mp.Value(ctypes.c_int64, 0)
+        self.received = mp.Value(ctypes.c_int64, 0)
+
+    @staticmethod
+    def add(counter, n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    def totals(self) -> tuple[int, int]:
+        return int(self.sent.value), int(self.received.value)
+
+
+class CountingCompression(CompressionBase):
+    """Wraps a compression; counts the bytes of every tensor part it encodes as sent."""
+
+    def __init__(self, inner: CompressionBase, traffic: Traffic):
+        self.inner, self.traffic = inner, traffic
+        self.compression_type = inner.compression_type
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
+        out = self.inner.compress(tensor, info, allow_inplace)
+        Traffic.add(self.traffic.sent, out.ByteSize())
+        return out
+
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        return self.inner.extract(serialized_tensor)
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        return self.inner.estimate_compression_ratio(info)
+
+
+class _QuietNoGroup(logging.Filter):
+    """hivemind logs a traceback when a step finds no group; for a node that is simply alone that is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "could not find a group" not in str(record.exc_info[1] if record.exc_info else record.getMessage())
+
+
+def _count_tensor_traffic(traffic: Traffic) -> None:
+    """In the averager's child process: count every tensor part hivemind (de)serializes for averaging or state."""
+    import hivemind.averaging.allreduce as allreduce
+    import hivemind.averaging.averager as averager
+
+    serialize, deserialize = allreduce.serialize_torch_tensor, allreduce.deserialize_torch_tensor
+
+    def counted_serialize(*args, **kwargs):
+        out = serialize(*args, **kwargs)
+        Traffic.add(traffic.sent, out.ByteSize())
+        return out
+
+    def counted_deserialize(message):
+        Traffic.add(traffic.received, message.ByteSize())
+        return deserialize(message)
+
+    allreduce.serialize_torch_tensor = counted_serialize
+    allreduce.deserialize_torch_tensor = counted_deserialize
+    averager.deserialize_torch_tensor = counted_deserialize
+
+
+class Instrumented:
+    """Mixin for hivemind averager classes (DecentralizedAverager and its subclasses): byte counters, per-round
+    failure signals and quiet "no group" logs. Call `_instrument(kwargs)` before the class's own __init__."""
+
+    traffic: Traffic
+
+    def _instrument(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.traffic = Traffic()
+        # last round: values left un-averaged, senders dropped, group size; totals: rounds, rounds with a fault
+        self._faults = mp.Array(ctypes.c_int64, 5)
+        for key in ("compression", "state_compression"):
+            kwargs[key] = CountingCompression(kwargs.get(key) or NoCompression(), self.traffic)
+        return kwargs
+
+    def reset_faults(self) -> None:
+        for i in range(3):
+            self._faults[i] = 0
+
+    def faults(self) -> tuple[int, int, int]:
+        """(values left un-averaged, senders dropped mid-round, group size) of the last all-reduce."""
+        return int(self._faults[0]), int(self._faults[1]), int(self._faults[2])
+
+    def round_totals(self) -> tuple[int, int]:
+        """(all-reduce rounds finished, rounds among them with values left un-averaged) since start."""
+        return int(self._faults[3]), int(self._faults[4])
+
+    def run(self):  # runs in the child process
+        _count_tensor_traffic(self.traffic)
+        logging.getLogger("hivemind.averaging.averager").addFilter(_QuietNoGroup())
+        super().run()
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """hivemind 1.1.12's implementation, plus recording the runner's failure signals when it ends."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = AllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+                                 group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        self._running_groups[group_id].set_result(runner)
+        self._faults[2] = len(group_info.peer_ids)
+        try:
+            if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+                async for tensor, update in azip(as_aiter(*tensors), runner):
+                    tensor.add_(update, alpha=self._averaging_alpha)
+                    self.last_updated = get_dht_time()
+                    self._state_updated.set()
+            else:
+                async for _ in runner:
+                    raise ValueError("aux peers should not receive averaged tensors")
+        finally:
+            failed = int(runner.tensor_part_container.failed_size)
+            self._faults[0], self._faults[1] = failed, len(runner.banned_senders)
+            self._faults[3] += 1
+            self._faults[4] += failed > 0
+
+
+class MergeAverager(Instrumented, DecentralizedAverager):
+    """A DecentralizedAverager over `tensors` that counts bytes, records failure signals and serves `state_fn()`.
+
+    Args:
+        tensors: CPU tensors averaged in place (they are moved to shared memory).
+        dht: the node's DHT.
+        state_fn: called in this process when a peer downloads state; returns (metadata bytes, tensors).
+        kwargs: DecentralizedAverager's (prefix, group sizes, timeouts, compression, ...).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], dht, *, state_fn: Callable[[], tuple[bytes, list]],
+                 **kwargs: Any):
+        self._state_fn = state_fn
+        super().__init__(tensors, dht, start=False, **self._instrument(kwargs))
+
+    def get_current_state(self):
+        metadata, tensors = self._state_fn()
+        return metadata, tensors, None
+
+
+def start_in_main_thread(factory: Callable[[], Any]) -> Any:
+    """Create (and start) hivemind averagers in the main thread; restore the SIGINT handler hivemind replaces."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("hivemind averagers must be created in the main thread")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return factory()
+    finally:
+        signal.signal(signal.SIGINT, handler)

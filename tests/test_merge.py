@@ -1,0 +1,153 @@
+"""Merging without a network: fingerprints, schedules, checksums, the DiLoCo outer step, config and wire checks."""
+
+import math
+
+import msgpack
+import pytest
+import torch
+
+import swarm_node.network  # noqa: F401  (hivemind patches)
+from swarm_node.config import ConfigError, load_config
+from swarm_node.learning.diloco import nesterov_outer_step, pseudo_gradient
+from swarm_node.network import wire
+from swarm_node.network.merging import checksum
+from swarm_node.network.merging.fingerprint import merge_prefix, model_fingerprint
+from swarm_node.network.merging.schedule import MergeSchedule, late_merge_rounds
+
+
+def mlp(width: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+
+
+def test_fingerprint_depends_on_architecture_not_weights():
+    assert model_fingerprint(mlp(8, seed=0)) == model_fingerprint(mlp(8, seed=1))
+    assert model_fingerprint(mlp(8)) != model_fingerprint(mlp(9))
+    assert model_fingerprint(mlp(8)) != model_fingerprint(mlp(8).double())
+    fp = model_fingerprint(mlp(8))
+    assert len(fp) == 64 and int(fp, 16) >= 0
+    prefix = merge_prefix("my.swarm", fp, "params")
+    assert "." not in prefix and fp[:16] in prefix
+    assert merge_prefix("my.swarm", fp, "params") != merge_prefix("my.swarm", fp, "diloco")
+
+
+def test_tiny_models_with_other_seeds_share_a_fingerprint():
+    from swarm_node.learning.models import tiny_model
+
+    a, b = tiny_model(1000, seed=0), tiny_model(1000, seed=1)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+
+
+def test_schedules():
+    every = MergeSchedule("every_k", 3, 0)
+    assert [r for r in range(1, 13) if every.is_due(r)] == [3, 6, 9, 12]
+    assert not any(MergeSchedule("off", 1, 10).is_due(r) for r in range(1, 11))
+    rounds = late_merge_rounds(20, 4)
+    assert rounds == [10, 15, 18, 20]
+    gaps = [b - a for a, b in zip(rounds, rounds[1:])]
+    assert gaps == sorted(gaps, reverse=True)  # denser toward the end
+    late = MergeSchedule("late", 5, 20)
+    assert [r for r in range(1, 21) if late.is_due(r)] == rounds
+    assert late.is_final(20) and not late.is_final(18)
+    assert late_merge_rounds(3, 1) == [3]  # a single global merge at the end
+
+
+def test_diloco_outer_step_matches_a_hand_computed_reference():
+    # two outer steps on one scalar, lr 0.7, momentum 0.9, worked out by hand:
+    # step 1: anchor 1.0, worker weights 0.8 and 0.6 -> delta = mean(1.0 - 0.8, 1.0 - 0.6) = 0.3
+    #         m = 0.3; anchor = 1.0 - 0.7 * (0.3 + 0.9 * 0.3) = 1.0 - 0.399 = 0.601
+    # step 2: workers at 0.501 and 0.401 -> delta = mean(0.1, 0.2) = 0.15
+    #         m = 0.9 * 0.3 + 0.15 = 0.42; anchor = 0.601 - 0.7 * (0.15 + 0.9 * 0.42) = 0.601 - 0.3696 = 0.2314
+    anchor, momentum = [torch.tensor([1.0], dtype=torch.float64)], [torch.zeros(1, dtype=torch.float64)]
+    for workers, expected in (([0.8, 0.6], 0.601), ([0.501, 0.401], 0.2314)):
+        deltas = []
+        for w in workers:
+            out = [torch.zeros(1, dtype=torch.float64)]
+            pseudo_gradient(anchor, [torch.tensor([w], dtype=torch.float64)], out)
+            deltas.append(out[0])
+        nesterov_outer_step(anchor, [sum(deltas) / len(deltas)], momentum, lr=0.7, mu=0.9)
+        assert anchor[0].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_diloco_outer_step_equals_torch_nesterov_sgd():
+    torch.manual_seed(0)
+    anchor = [torch.randn(5, 3), torch.randn(7)]
+    reference = [torch.nn.Parameter(a.clone()) for a in anchor]
+    sgd = torch.optim.SGD(reference, lr=0.7, momentum=0.9, nesterov=True)
+    momentum = [torch.zeros_like(a) for a in anchor]
+    for _ in range(3):
+        delta = [torch.randn_like(a) for a in anchor]
+        nesterov_outer_step(anchor, delta, momentum, lr=0.7, mu=0.9)
+        for p, d in zip(reference, delta):
+            p.grad = d.clone()
+        sgd.step()
+    for a, p in zip(anchor, reference):
+        torch.testing.assert_close(a, p.detach(), rtol=1e-6, atol=1e-6)
+    # lr 1 and no momentum is plain averaging: anchor - (anchor - mean) = mean
+    anchor, workers = [torch.tensor([2.0])], [torch.tensor([1.0]), torch.tensor([4.0])]
+    delta = [sum(anchor[0] - w for w in workers) / 2]
+    nesterov_outer_step(anchor, delta, [torch.zeros(1)], lr=1.0, mu=0.0)
+    assert anchor[0].item() == pytest.approx(2.5)
+
+
+def test_checksums_are_linear_and_catch_an_unaveraged_part():
+    torch.manual_seed(0)
+    members = [[torch.randn(300, 40), torch.randn(1000)] for _ in range(3)]
+    groups = checksum.segments(members[0])
+    mean = [sum(ts) / 3 for ts in zip(*members)]
+    expected = checksum.expected_checksums([(checksum.checksums(m, groups), 1.0) for m in members])
+    segment_norms = checksum.norms(mean, groups)
+    assert checksum.mismatch(checksum.checksums(mean, groups), expected, segment_norms, "none") < 0.1
+    # fp16 rounding of every value stays inside the fp16 tolerance
+    rounded = [t.half().float() for t in mean]
+    assert checksum.mismatch(checksum.checksums(rounded, groups), expected, segment_norms, "fp16") < 1
+    # one peer's part left un-averaged (what a failed reducer leaves behind)
+    broken = [t.clone() for t in mean]
+    broken[0].view(-1)[:2000] = members[0][0].view(-1)[:2000]
+    assert checksum.mismatch(checksum.checksums(broken, groups), expected, segment_norms, "none") > 1
+    assert checksum.mismatch(checksum.checksums(broken, groups), expected, segment_norms, "fp16") > 1
+    many = [torch.zeros(1)] * 1000
+    assert len(checksum.segments(many)) <= wire.MAX_MERGE_SEGMENTS
+    assert sorted(i for g in checksum.segments(many) for i in g) == list(range(1000))
+
+
+def test_8bit_compression_decodes_on_numpy_2():
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+    from hivemind.proto import runtime_pb2
+
+    t = torch.randn(10_000)
+    for kind in (runtime_pb2.UNIFORM_8BIT, runtime_pb2.QUANTILE_8BIT):
+        out = deserialize_torch_tensor(serialize_torch_tensor(t, kind))
+        assert out.shape == t.shape and (out - t).pow(2).mean().sqrt() < 0.05
+
+
+def test_merge_gather_is_checked_at_the_boundary():
+    good = dict(version=[1, 0], mode="params", fingerprint="ab" * 32, sums=[1.0, -2.5])
+    assert wire.decode_merge_gather(msgpack.packb(good)).sums == [1.0, -2.5]
+    assert wire.decode_merge_gather(msgpack.packb(dict(good, later_field=1, version=[1, 4]))).mode == "params"
+    for bad in (dict(good, sums=[math.nan, 1.0]), dict(good, fingerprint="xyz"), dict(good, sums=[1.0]),
+                dict(good, sums=[0.0] * (2 * wire.MAX_MERGE_SEGMENTS + 2)), dict(good, weight=0.0),
+                dict(good, version=[2, 0])):
+        with pytest.raises(wire.WireError):
+            wire.decode_merge_gather(msgpack.packb(bad))
+    with pytest.raises(wire.WireError, match="too_large"):
+        wire.decode_merge_gather(b"\x00" * (wire.MAX_MERGE_MESSAGE_BYTES + 1))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"merge_mode": "params", "merge_schedule": "late"}, "needs|--rounds"),
+    ({"merge_mode": "grad", "steps_per_round": 2}, "steps-per-round 1"),
+    ({"merge_mode": "grad", "merge_optimizer_state": "reset"}, "leave it at keep"),
+    ({"merge_min_group_size": 4, "merge_target_group_size": 3}, "below merge_min_group_size"),
+])
+def test_merge_config_mistakes(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides, environ={})
+
+
+def test_merge_settings_have_flags_and_env():
+    cfg = load_config(overrides={"merge_mode": "diloco", "rounds": 10, "merge_schedule": "late"},
+                      environ={"SWARM_NODE_MERGE_COMPRESSION": "8bit", "SWARM_NODE_DILOCO_OUTER_LR": "0.5"})
+    assert cfg.merge.merge_mode == "diloco" and cfg.merge.merge_compression == "8bit"
+    assert cfg.merge.diloco_outer_lr == 0.5 and cfg.merge.diloco_outer_momentum == 0.9

@@ -1,0 +1,68 @@
+"""Merging in a real local swarm of node processes: two peers of one model merge every round, a peer with another
+model shares rollouts with them but never merges. Waits are for states (rounds in metrics.jsonl), with deadlines."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from nodes import Proc, session_processes
+
+pytestmark = pytest.mark.slow
+
+FLAGS = ["--num-local-groups", "2", "--num-completions", "3", "--max-new-tokens", "6", "--num-external-groups", "4",
+         "--no-filter-zero-advantage", "--collect-timeout-s", "5", "--fetch-timeout-s", "3",
+         "--checkpoint-every-rounds", "0", "--torch-threads", "1", "--rounds", "3", "--linger-s", "120",
+         "--min-peers", "2", "--merge-mode", "params", "--merge-every-rounds", "1", "--merge-compression", "none",
+         "--merge-matchmaking-timeout-s", "5", "--merge-target-group-size", "2", "--merge-allreduce-timeout-s", "20"]
+
+
+def other_model_dir(path):
+    """A local Hugging Face model with the SmolLM2 tokenizer but other shapes than `tiny`: another fingerprint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from swarm_node.learning.models import embedded_model_dir, load_tokenizer
+
+    tokenizer = load_tokenizer(embedded_model_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_same_model_peers_merge_and_another_model_only_shares_rollouts(tmp_path):
+    other = other_model_dir(tmp_path / "other-model")
+    nodes: dict[str, Proc] = {}
+    try:
+        nodes["a"] = Proc(tmp_path / "a", [], FLAGS + ["--model", "tiny", "--seed", "1"])
+        boot = nodes["a"].info()["multiaddrs"]
+        nodes["b"] = Proc(tmp_path / "b", boot, FLAGS + ["--model", "tiny", "--seed", "2"])
+        nodes["c"] = Proc(tmp_path / "c", boot, FLAGS + ["--model", str(other), "--seed", "3"])
+        rows = {name: p.wait_rounds(3, timeout_s=240) for name, p in nodes.items()}
+        a, b, c = rows["a"], rows["b"], rows["c"]
+        for r in range(3):
+            # the two tiny peers (other seeds, so other weights) merged every round, as a pair
+            assert (a[r]["merge_outcome"], a[r]["merge_group_size"]) == ("merged", 2), a[r]
+            assert (b[r]["merge_outcome"], b[r]["merge_group_size"]) == ("merged", 2), b[r]
+            (sum_a, norm_a), (sum_b, norm_b) = a[r]["merge_checksum"], b[r]["merge_checksum"]
+            assert abs(sum_a - sum_b) < 1e-6 * norm_a and abs(norm_a - norm_b) < 1e-6 * norm_a
+            # the other model never joined a group, and skipping cost it almost nothing
+            assert c[r]["merge_outcome"] == "alone" and c[r]["merge_group_size"] == 0, c[r]
+            assert c[r]["merge_s"] < 2.0, c[r]
+        assert a[-1]["merges"] == 3 and a[-1]["merges_failed"] == 0 and a[-1]["merge_bytes_out"] > 0
+        assert c[-1]["merges"] == 0 and c[-1]["merges_skipped"] == 3 and c[-1]["merge_bytes_out"] == 0
+        # but everyone's rollouts were used by everyone: J = 4 takes both peers' 2 groups each
+        for name in "abc":
+            assert any(row["external_peers_used"] == 2 for row in rows[name][1:]), rows[name]
+        assert "no peer with this model" in (tmp_path / "c" / "node.log").read_text()
+    finally:
+        for p in nodes.values():  # stop them together, then reap each
+            if p.popen.poll() is None:
+                p.popen.send_signal(signal.SIGTERM)
+        for p in nodes.values():
+            p.cleanup()
+    for p in nodes.values():
+        for sid in p.sessions:
+            assert session_processes(sid) == [], f"{p.out.name} left processes behind"
