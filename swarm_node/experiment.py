@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,12 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
     else:
         settings_path.write_text(json.dumps(settings, indent=1))
     runs = plan(preset, arms, seeds)
+
+    def interrupt(signum, frame):  # SIGTERM (and SIGINT, which background shells ignore) stop like Ctrl-C
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, interrupt)
     console.print(f"[bold]experiment {root.name}[/]: preset {preset.name}, {len(runs)} runs of {preset.agents} agents "
                   f"x {settings['rounds']} rounds")
     for arm, seed in runs:
