@@ -78,12 +78,18 @@ class Proc:
         self.log.close()
 
 
-def session_processes(sid: int) -> list[int]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                found.append(proc.pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return found
+def session_processes(sid: int, settle_s: float = 15.0) -> list[int]:
+    """Live (non-zombie) processes of a session. A process SIGKILLed a moment ago can take a while to go on a
+    loaded machine, so this polls for up to `settle_s` seconds before returning what is still there."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc.pid)
+            except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+                pass
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
