@@ -110,8 +110,7 @@ def main() -> None:
     write("merge_gather_valid", "MergeGather",
           wire.encode(wire.MergeGather.model_validate({**gather, "version": (1, 0)})), True, gather,
           why="checksums (sum, alternating sum) of two segments, sent in hivemind's gather when a merge starts")
-    info = {"version": [1, 0], "mode": "diloco", "fingerprint": FINGERPRINT, "merges": 3, "sums": [1.5, 0.5],
-            "next_merge_in_rounds": 2}
+    info = {"version": [1, 0], "mode": "diloco", "fingerprint": FINGERPRINT, "merges": 3, "sums": [1.5, 0.5]}
     write("merge_state_info_valid", "MergeStateInfo",
           wire.encode(wire.MergeStateInfo.model_validate({**info, "version": (1, 0)})), True, info,
           why="metadata of a downloaded merge state: the checksums of the tensors that follow")

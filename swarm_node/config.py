@@ -226,8 +226,8 @@ class MergeConfig(_Section):
         "splits larger swarms unreliably. The local swarm launcher sets it to --nodes.",
     )
     merge_matchmaking_timeout_s: float = Field(
-        20.0, gt=0, description="How long a merge waits for same-model peers to form a group, seconds. It must "
-        "cover the spread between peers' round ends (a group of merge_target_group_size starts at once)."
+        10.0, gt=0, description="How long a merge waits for same-model peers to form a group, seconds. It must "
+        "cover the spread between peers' round ends."
     )
     merge_allreduce_timeout_s: float = Field(
         60.0, gt=0, description="Deadline for the all-reduce once a group has formed, seconds; a peer silent for a "

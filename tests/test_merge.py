@@ -51,14 +51,6 @@ def test_schedules():
     assert [r for r in range(1, 21) if late.is_due(r)] == rounds
     assert late.is_final(20) and not late.is_final(18)
     assert late_merge_rounds(3, 1) == [3]  # a single global merge at the end
-    # a joiner at its round 2 learns that the group merges 4 rounds from now: it merges at 6, 11, 16...
-    joiner = MergeSchedule("every_k", 5, 0)
-    assert joiner.rounds_to_next(2) == 3  # before aligning: round 5
-    joiner.align(completed_rounds=2, peer_rounds_to_next=4)
-    assert [r for r in range(3, 17) if joiner.is_due(r)] == [6, 11, 16] and joiner.rounds_to_next(2) == 4
-    assert joiner.rounds_to_next(6) == 5
-    late.align(2, 4)  # no phase to align for late
-    assert late.offset == 0 and late.rounds_to_next(3) == 0
 
 
 def test_diloco_outer_step_matches_a_hand_computed_reference():

@@ -179,16 +179,13 @@ class MergeStateInfo(_Message):
     """Metadata of a peer's shared state (the weights at its last verified merge, plus the DiLoCo momentum).
 
     `sums` are the checksums (as in MergeGather) of the tensors that follow it, so the downloader can check
-    that it received what the peer meant to send. `next_merge_in_rounds` is how many rounds from now the
-    peer's next scheduled merge is (0: unknown or not periodic), so the downloader can schedule its own
-    merges in step.
+    that it received what the peer meant to send.
     """
 
     mode: Name
     fingerprint: Fingerprint
     merges: NonNegInt
     sums: Checksums
-    next_merge_in_rounds: NonNegInt = 0
 
 
 def encode(message: BaseModel) -> bytes:

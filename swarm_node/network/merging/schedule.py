@@ -33,34 +33,18 @@ class MergeSchedule:
         kind: every_k, late or off.
         every_rounds: K.
         total_rounds: the run's length (0 = open-ended; `late` needs it, which the config checks).
-
-    `every_k` has a phase: merges fall on rounds r with (r - offset) % K == 0. A node that joins a running group
-    (or restarts) sets the offset so that its merges land in the same rounds as the group's, counted from now
-    (`align`), since its own round counter is unrelated to theirs.
     """
 
     def __init__(self, kind: str, every_rounds: int, total_rounds: int):
         self.kind, self.every_rounds, self.total_rounds = kind, every_rounds, total_rounds
-        self.offset = 0
         self._late = set(late_merge_rounds(total_rounds, max(1, total_rounds // every_rounds))) if kind == "late" else set()
 
     def is_due(self, round_: int) -> bool:
         if self.kind == "every_k":
-            return (round_ - self.offset) % self.every_rounds == 0
+            return round_ % self.every_rounds == 0
         if self.kind == "late":
             return round_ in self._late
         return False
-
-    def rounds_to_next(self, completed_rounds: int) -> int:
-        """every_k: how many rounds after `completed_rounds` the next merge comes (1..K); 0 for other kinds."""
-        if self.kind != "every_k":
-            return 0
-        return self.every_rounds - (completed_rounds - self.offset) % self.every_rounds
-
-    def align(self, completed_rounds: int, peer_rounds_to_next: int) -> None:
-        """every_k: put our next merge `peer_rounds_to_next` rounds from now, where a peer's next merge is."""
-        if self.kind == "every_k" and peer_rounds_to_next > 0:
-            self.offset = (completed_rounds + peer_rounds_to_next) % self.every_rounds
 
     def is_final(self, round_: int) -> bool:
         """The last merge of a `late` run: the global merge, which gets a longer matchmaking window."""

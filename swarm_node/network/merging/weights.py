@@ -89,8 +89,6 @@ class WeightMerger:
         self.schedule = MergeSchedule(config.merge_schedule, config.merge_every_rounds, total_rounds)
         self.stats = MergeStats(self.mode)
         self.level = 0  # verified group merges behind this node's anchor (its own or a donor's); sharing priority
-        self.completed_rounds = 0  # this node's round counter, as of its last maybe_merge (or join)
-        self._loaded: wire.MergeStateInfo | None = None
         self._lock = threading.Lock()  # guards the anchor/momentum against concurrent state downloads
         self._alone_logged = False
         with torch.no_grad():
@@ -123,17 +121,8 @@ class WeightMerger:
         return averager
 
     # ------------------------------------------------------------------ public
-    def join(self, completed_rounds: int) -> bool:
-        """Before the first round: load the group's state (see load_state) and schedule merges in step with it."""
-        self.completed_rounds = completed_rounds
-        if not self.load_state():
-            return False
-        self.schedule.align(completed_rounds, self._loaded.next_merge_in_rounds)
-        return True
-
     def maybe_merge(self, round_: int) -> dict[str, Any]:
         """Merge if the schedule says so at the end of `round_`. Returns the metrics line's merge fields."""
-        self.completed_rounds = round_
         result = None
         if self.schedule.is_due(round_):
             result = self.merge(final=self.schedule.is_final(round_))
@@ -203,7 +192,7 @@ class WeightMerger:
                     p.copy_(a)
             if self.config.merge_optimizer_state == "reset":
                 self.optimizer.state.clear()
-            self.level, self._loaded = info.merges, info
+            self.level = info.merges
             self.stats.state_loads += 1
             self._set_priority()
             log.info("loaded the group's state from a peer (merge level %d)", info.merges)
@@ -373,8 +362,7 @@ class WeightMerger:
         with self._lock:
             tensors = [t.clone() for t in self.anchor + self.momentum]
         info = wire.MergeStateInfo(version=wire.PROTOCOL_VERSION, mode=self.mode, fingerprint=self.fingerprint,
-                                   merges=self.level, sums=checksum.checksums(tensors, self.state_groups),
-                                   next_merge_in_rounds=self.schedule.rounds_to_next(self.completed_rounds))
+                                   merges=self.level, sums=checksum.checksums(tensors, self.state_groups))
         return wire.encode(info), tensors
 
     def _check_state(self, metadata: Any, tensors: list[torch.Tensor]) -> wire.MergeStateInfo:
