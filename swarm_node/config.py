@@ -203,7 +203,8 @@ class MergeConfig(_Section):
     )
     merge_schedule: Literal["every_k", "late", "off"] = Field(
         "every_k",
-        description="When params/diloco merges happen. `every_k`: every merge_every_rounds rounds. `late`: the same "
+        description="When params/diloco merges happen. `every_k`: after merge_every_rounds rounds since the last "
+        "merge, and whenever same-model peers are merging as a round ends. `late`: the same "
         "number of merges (rounds // merge_every_rounds) placed more densely toward the end of the run, the last "
         "one in the final round (needs --rounds). `off`: never merge, but still load the group's state at start.",
     )
@@ -226,8 +227,8 @@ class MergeConfig(_Section):
         "splits larger swarms unreliably. The local swarm launcher sets it to --nodes.",
     )
     merge_matchmaking_timeout_s: float = Field(
-        10.0, gt=0, description="How long a merge waits for same-model peers to form a group, seconds. It must "
-        "cover the spread between peers' round ends."
+        20.0, gt=0, description="How long a merge waits for same-model peers to form a group, seconds. Peers that "
+        "end a round within it join (a group of merge_target_group_size peers starts at once)."
     )
     merge_allreduce_timeout_s: float = Field(
         60.0, gt=0, description="Deadline for the all-reduce once a group has formed, seconds; a peer silent for a "

@@ -124,7 +124,7 @@ class Node:
             await self._in_thread(self._resume)
         if self.merger is not None:  # a late or restarted node catches up with its merge group first
             with progress.task("loading the merge group's state from peers"):
-                await self._in_thread(self.merger.load_state)
+                await self._in_thread(self.merger.join, self.round)
         self._start_telemetry()
         # announce readiness: peers wait for the next round of every peer that has announced itself
         await self.exchange.publish(self._payload(self.round, []))

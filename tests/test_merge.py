@@ -40,15 +40,16 @@ def test_tiny_models_with_other_seeds_share_a_fingerprint():
 
 
 def test_schedules():
-    every = MergeSchedule("every_k", 3, 0)
-    assert [r for r in range(1, 13) if every.is_due(r)] == [3, 6, 9, 12]
-    assert not any(MergeSchedule("off", 1, 10).is_due(r) for r in range(1, 11))
+    every = MergeSchedule("every_k", 3, 0)  # counts rounds since the last merge, whatever the round number
+    assert [since for since in range(0, 6) if every.is_due(100 + since, since)] == [3, 4, 5]
+    assert every.joins_peers and not MergeSchedule("late", 5, 20).joins_peers
+    assert not any(MergeSchedule("off", 1, 10).is_due(r, r) for r in range(1, 11))
     rounds = late_merge_rounds(20, 4)
     assert rounds == [10, 15, 18, 20]
     gaps = [b - a for a, b in zip(rounds, rounds[1:])]
     assert gaps == sorted(gaps, reverse=True)  # denser toward the end
     late = MergeSchedule("late", 5, 20)
-    assert [r for r in range(1, 21) if late.is_due(r)] == rounds
+    assert [r for r in range(1, 21) if late.is_due(r, 0)] == rounds
     assert late.is_final(20) and not late.is_final(18)
     assert late_merge_rounds(3, 1) == [3]  # a single global merge at the end
 

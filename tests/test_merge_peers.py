@@ -193,12 +193,24 @@ def test_late_joiner_loads_the_groups_state(reap_children):
         late_model = model(seed=7)
         late = merger(config(), late_dht, late_model)
         wait_visible([late])
-        assert late.load_state()
+        assert late.join(completed_rounds=0)
         assert_close_lists(weights(late_model), group, atol=0)  # the state download is lossless
         assert late.level == 1 and late.stats.state_loads == 1
-        # and it is a full member: the next merge includes it
-        results = merge_all(mergers + [late])
-        assert [r.group_size for r in results] == [3, 3, 3], results
+        # and it is a full member. Its round counter is unrelated to the group's: the pair's merge is due (K
+        # rounds since their last), its own is not, yet it ends a round while they are looking and joins them
+        for mg in mergers:
+            mg.rounds_since_merge = mg.config.merge_every_rounds - 1
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            pair = [pool.submit(mg.maybe_merge, 12) for mg in mergers]
+            deadline = time.monotonic() + 30
+            while not late._peers_merging():
+                assert time.monotonic() < deadline, "the pair never started looking for a group"
+                time.sleep(0.05)
+            joined = late.maybe_merge(1)
+            rows = [f.result(timeout=60) for f in pair] + [joined]
+        assert [(r["merge_outcome"], r["merge_group_size"]) for r in rows] == [("merged", 3)] * 3, rows
+        assert joined["merge_joined"] and not rows[0]["merge_joined"]
+        assert late.rounds_since_merge == 0
     finally:
         shutdown(mergers + ([late] if late else []), dhts + ([late_dht] if late_dht else []))
 

@@ -106,8 +106,12 @@ class GradMerger:
     def _averagers(self) -> list[Instrumented]:
         return [a for a in (self.optimizer.grad_averager, self.optimizer.state_averager) if a is not None]
 
-    def load_state(self) -> bool:
+    def join(self, completed_rounds: int) -> bool:
         """Before the first round: if the group is ahead (a later epoch), download its state."""
+        return self.load_state()
+
+    def load_state(self) -> bool:
+        """If the group is ahead (a later epoch), download its state (hivemind.Optimizer's own catch-up)."""
         tracker = self.optimizer.tracker
         tracker.fetched_global_progress_this_epoch.wait(timeout=self.config.merge_matchmaking_timeout_s)
         if tracker.global_epoch <= self.optimizer.local_epoch:

@@ -27,24 +27,36 @@ def late_merge_rounds(total_rounds: int, num_merges: int) -> list[int]:
 
 
 class MergeSchedule:
-    """Decides whether round r ends with a merge.
+    """Decides whether a node's round ends with a merge.
 
     Args:
         kind: every_k, late or off.
         every_rounds: K.
         total_rounds: the run's length (0 = open-ended; `late` needs it, which the config checks).
+
+    `every_k` counts rounds since the node's last merge (or since it joined the group), not its round number:
+    peers' round counters are unrelated (late joiners, restarts), and rounds take different times on different
+    peers. A node whose K rounds are up starts a merge; a node that ends a round while same-model peers are
+    looking for a group joins them (see WeightMerger.maybe_merge). Either way its count restarts, so the peers
+    that merged together stay in step.
     """
 
     def __init__(self, kind: str, every_rounds: int, total_rounds: int):
         self.kind, self.every_rounds, self.total_rounds = kind, every_rounds, total_rounds
         self._late = set(late_merge_rounds(total_rounds, max(1, total_rounds // every_rounds))) if kind == "late" else set()
 
-    def is_due(self, round_: int) -> bool:
+    def is_due(self, round_: int, rounds_since_merge: int) -> bool:
         if self.kind == "every_k":
-            return round_ % self.every_rounds == 0
+            return rounds_since_merge >= self.every_rounds
         if self.kind == "late":
             return round_ in self._late
         return False
+
+    @property
+    def joins_peers(self) -> bool:
+        """Whether a node joins a merge that peers started before its own is due (every_k only: `late` merges
+        happen at fixed rounds of each node's run)."""
+        return self.kind == "every_k"
 
     def is_final(self, round_: int) -> bool:
         """The last merge of a `late` run: the global merge, which gets a longer matchmaking window."""

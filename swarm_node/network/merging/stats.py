@@ -24,6 +24,7 @@ class MergeResult:
     seconds: float = 0.0
     mismatch: float | None = None  # worst checksum error / tolerance of the applied result (<= 1 passes)
     detail: str = ""
+    joined: bool = False  # the merge was not due here: this node joined peers that had started one
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class MergeStats:
         return {
             "merge_mode": self.mode,
             "merge_outcome": result.outcome if result else None,
+            "merge_joined": result.joined if result else False,
             "merge_group_size": result.group_size if result else 0,
             "merge_s": round(result.seconds, 3) if result else 0.0,
             "merge_mismatch": result.mismatch if result else None,

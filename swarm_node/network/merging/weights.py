@@ -89,6 +89,7 @@ class WeightMerger:
         self.schedule = MergeSchedule(config.merge_schedule, config.merge_every_rounds, total_rounds)
         self.stats = MergeStats(self.mode)
         self.level = 0  # verified group merges behind this node's anchor (its own or a donor's); sharing priority
+        self.rounds_since_merge = 0  # rounds since the last merge attempt with peers, or since joining
         self._lock = threading.Lock()  # guards the anchor/momentum against concurrent state downloads
         self._alone_logged = False
         with torch.no_grad():
@@ -121,11 +122,25 @@ class WeightMerger:
         return averager
 
     # ------------------------------------------------------------------ public
+    def join(self, completed_rounds: int) -> bool:
+        """Before the first round: load the group's state (see load_state); the every_k count starts now."""
+        self.rounds_since_merge = 0
+        return self.load_state()
+
     def maybe_merge(self, round_: int) -> dict[str, Any]:
-        """Merge if the schedule says so at the end of `round_`. Returns the metrics line's merge fields."""
+        """At the end of `round_`: merge if the schedule says so, or join peers that are merging right now.
+
+        Returns the metrics line's merge fields."""
+        self.rounds_since_merge += 1
         result = None
-        if self.schedule.is_due(round_):
+        if self.schedule.is_due(round_, self.rounds_since_merge):
             result = self.merge(final=self.schedule.is_final(round_))
+        elif self.schedule.joins_peers and self._peers_merging():
+            result = self.merge()
+            result.detail = result.detail or "joined a merge that peers started"
+            result.joined = True
+        if result is not None and result.outcome != "alone":
+            self.rounds_since_merge = 0  # merged, or tried with peers online: the next try is K rounds away
         return self.metrics(result)
 
     def merge(self, final: bool = False) -> MergeResult:
@@ -356,6 +371,17 @@ class WeightMerger:
             return False
         return any(key != self.peer_key and isinstance(getattr(entry, "value", None), (int, float))
                    for key, entry in found.value.items())
+
+    def _peers_merging(self) -> bool:
+        """Is another averager of this model and mode looking for a group right now? (One DHT read.)"""
+        try:
+            found = self.dht.get(f"{self.prefix}.0b", latest=True, return_future=True).result(timeout=self.dht_timeout_s)
+        except Exception as e:
+            log.debug("could not read the matchmaking key: %r", e)
+            return False
+        if found is None or not isinstance(found.value, dict):
+            return False
+        return any(key != self.peer_key and getattr(entry, "value", None) is True for key, entry in found.value.items())
 
     def _shared_state(self) -> tuple[bytes, list[torch.Tensor]]:
         """What a downloading peer gets: the anchor (+ DiLoCo momentum) and its checksums. Any thread."""
