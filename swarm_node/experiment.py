@@ -181,17 +181,11 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
         t0 = time.time()
         for attempt in range(1, MAX_ATTEMPTS + 1):
             swarm = LocalSwarm(preset.agents, settings["rounds"], str(d), None, run_overrides, resume=True)
-            status = 1
             try:
-                swarm.start()
-                status = swarm.wait()
-            except KeyboardInterrupt:
-                console.print("interrupted: the next start continues from the last checkpoints")
-                status = 130
+                status = swarm.run("interrupted: the next start continues from the last checkpoints")
             except OperatorError as e:  # a node that failed to start
                 console.print(f"[red]{e}[/]")
-            finally:
-                swarm.stop()
+                status = 1
             if status in (0, 130):
                 break
             if attempt < MAX_ATTEMPTS:  # e.g. an agent killed by the OOM killer: continue from the checkpoints

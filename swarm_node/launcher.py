@@ -124,26 +124,17 @@ class LocalSwarm:
         console.print(f"watch it live: swarm-node status {self.out}   (metrics: {info.get('metrics_url')}/metrics)")
 
     def _read_metrics(self, i: int) -> list[dict[str, Any]]:
-        path = self.node_dir(i) / "metrics.jsonl"
-        if not path.exists():
-            return []
-        lines = []
-        for line in path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line being written
-        return lines
+        from swarm_node.results import read_jsonl
+
+        return read_jsonl(self.node_dir(i) / "metrics.jsonl")
 
     def _evaluated(self, i: int) -> bool:
         """Whether node i wrote its held-out evaluation of the last round (always true with evaluation off)."""
         if not self.config.tasks.eval_every_rounds:
             return True
-        path = self.node_dir(i) / "eval.jsonl"
-        try:
-            return any(json.loads(line).get("round") == self.rounds for line in path.read_text().splitlines())
-        except (OSError, json.JSONDecodeError):
-            return False
+        from swarm_node.results import read_jsonl
+
+        return any(row.get("round") == self.rounds for row in read_jsonl(self.node_dir(i) / "eval.jsonl"))
 
     def _print_progress(self) -> list[int]:
         done = []
@@ -193,6 +184,21 @@ class LocalSwarm:
                 pass
             proc.wait()
 
+    def run(self, interrupted_message: str = "interrupted: stopping all nodes") -> int:
+        """start(), wait() and always stop(). Returns wait()'s status, or 130 after Ctrl-C.
+
+        Raises:
+            LauncherError: a node did not start (the nodes already started are stopped).
+        """
+        try:
+            self.start()
+            return self.wait()
+        except KeyboardInterrupt:
+            console.print(interrupted_message)
+            return 130
+        finally:
+            self.stop()
+
     def summary(self) -> Table:
         table = Table(title=f"local swarm: {self.num_nodes} nodes, output in {self.out}")
         for col in ("node", "rounds", "reward local (mean)", "external used / round", "round s (mean)", "peak RSS MB"):
@@ -222,14 +228,8 @@ def run_local_swarm(num_nodes: int, rounds: int, output_dir: str, config_file: s
     if swarm.config.train.model in (EMBEDDED_MODEL, TINY_MODEL):
         console.print("preparing the embedded model (converted once, then cached)")
         embedded_model_dir()
-    status = 1
     try:
-        swarm.start()
-        status = swarm.wait()
-    except KeyboardInterrupt:
-        console.print("interrupted: stopping all nodes")
-        status = 130
+        status = swarm.run()
     finally:
-        swarm.stop()
-    console.print(swarm.summary())
+        console.print(swarm.summary())
     return status

@@ -23,7 +23,8 @@ from typing import Any
 MOVING_AVERAGE_ROUNDS = 5
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The lines of a per-round JSONL log, up to a torn (being written) last line; [] if the file is missing."""
     if not path.exists():
         return []
     rows = []
@@ -39,7 +40,7 @@ def load_run(d: Path) -> dict[str, Any]:
     """One run's per-agent series: {"agents": [{"metrics": [...], "eval": [...]}, ...], "done": {...}}."""
     agents = []
     for node in sorted(d.glob("node*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else 0):
-        agents.append({"name": node.name, "metrics": _jsonl(node / "metrics.jsonl"), "eval": _jsonl(node / "eval.jsonl")})
+        agents.append({"name": node.name, "metrics": read_jsonl(node / "metrics.jsonl"), "eval": read_jsonl(node / "eval.jsonl")})
     done = json.loads((d / "done.json").read_text()) if (d / "done.json").exists() else None
     return {"dir": d.name, "agents": agents, "done": done}
 
