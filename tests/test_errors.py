@@ -28,70 +28,104 @@ def assert_one_line_error(result, *fragments):
         assert fragment in error_lines[0], error_lines[0]
 
 
-def test_unreachable_bootstrap_peer(tmp_path):
+def _listening_socket() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory):
+    """Every independent mistake's CLI run, started at once (each spends most of its time importing torch, so
+    they overlap well), keyed by case name. The ports stay taken until all of them have finished."""
+    tmp = tmp_path_factory.mktemp("mistakes")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
     dead = f"/ip4/127.0.0.1/tcp/{dead_port}/p2p/QmXf2tinhvF778V2YdBTCPoPwGmbWrEpXTYhHqfiASa9PV"
-    result = run_cli("run", "--output-dir", str(tmp_path), *TINY, "--initial-peers", dead, "--startup-timeout-s", "10")
-    assert_one_line_error(result, "could not reach any bootstrap peer", dead)
+    taken_listen, taken_metrics = _listening_socket(), _listening_socket()
+    (tmp / "unreadable").mkdir()
+    (tmp / "unreadable" / "identity.key").write_bytes(b"this is not a key")
+    cases = {
+        "unreachable_bootstrap": [*TINY, "--initial-peers", dead, "--startup-timeout-s", "10"],
+        "daemon_start_timeout": [*TINY, "--startup-timeout-s", "0.001", "--startup-retries", "1"],
+        "listen_port_in_use": [*TINY, "--host-maddrs", f"/ip4/127.0.0.1/tcp/{taken_listen.getsockname()[1]}"],
+        "metrics_port_in_use": [*TINY, "--metrics-port", str(taken_metrics.getsockname()[1])],
+        "unreadable": [*TINY],
+        "unknown_task": [*TINY, "--task-preset", "custom", "--tasks", "no_such_task"],
+        "memory": ["--model", "smollm2-135m", "--memory-limit-mb", "1000"],
+    }
+
+    def start(name, args, out_name=None, stderr=subprocess.PIPE):
+        out = tmp / (out_name or name)
+        out.mkdir(exist_ok=True)
+        return subprocess.Popen([sys.executable, "-m", "swarm_node.cli", "run", "--output-dir", str(out), *args],
+                                stdout=subprocess.PIPE if stderr == subprocess.PIPE else subprocess.DEVNULL,
+                                stderr=stderr, text=True, start_new_session=True)
+
+    # a node that keeps running (0 rounds: it waits for a stop signal), whose identity a second node then reuses
+    running_log = (tmp / "running.log").open("w")
+    running = start("running", [*TINY, "--rounds", "0"], stderr=running_log)
+    procs = {name: start(name, args) for name, args in cases.items()}
+    results = {}
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp / "running" / "node.json").exists():
+            assert running.poll() is None and time.monotonic() < deadline, (tmp / "running.log").read_text()[-1500:]
+            time.sleep(0.2)
+        procs["identity_in_use"] = start("identity_in_use", TINY, out_name="running")
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=240)
+            results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    finally:
+        running.terminate()
+        try:
+            running.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        for proc in [running, *procs.values()]:
+            try:
+                os.killpg(proc.pid, 9)  # the node's session: its DHT process and p2pd daemon
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        running_log.close()
+        taken_listen.close()
+        taken_metrics.close()
+    results["dead"] = dead
+    return results
 
 
-def test_daemon_start_timeout_is_retried_then_explained(tmp_path):
-    result = run_cli("run", "--output-dir", str(tmp_path), *TINY, "--startup-timeout-s", "0.001",
-                     "--startup-retries", "1")
+def test_unreachable_bootstrap_peer(mistakes):
+    assert_one_line_error(mistakes["unreachable_bootstrap"], "could not reach any bootstrap peer", mistakes["dead"])
+
+
+def test_daemon_start_timeout_is_retried_then_explained(mistakes):
+    result = mistakes["daemon_start_timeout"]
     assert_one_line_error(result, "did not start within", "--startup-timeout-s")
     assert "retrying" in result.stderr
 
 
-def test_listen_port_in_use(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        result = run_cli("run", "--output-dir", str(tmp_path), *TINY, "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}")
-    assert_one_line_error(result, "already in use")
+def test_listen_port_in_use(mistakes):
+    assert_one_line_error(mistakes["listen_port_in_use"], "already in use")
 
 
-def test_metrics_port_in_use(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        result = run_cli("run", "--output-dir", str(tmp_path), *TINY, "--metrics-port", str(port))
-    assert_one_line_error(result, "cannot serve metrics", "--metrics-port")
+def test_metrics_port_in_use(mistakes):
+    assert_one_line_error(mistakes["metrics_port_in_use"], "cannot serve metrics", "--metrics-port")
 
 
-def test_identity_in_use_by_a_running_node(tmp_path):
-    first = subprocess.Popen([sys.executable, "-m", "swarm_node.cli", "run", "--output-dir", str(tmp_path), *TINY,
-                              "--rounds", "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "node.json").exists():
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        result = run_cli("run", "--output-dir", str(tmp_path), *TINY)
-        assert_one_line_error(result, "already used by a running node", "--identity-path")
-    finally:
-        first.terminate()
-        first.wait(60)
-        try:
-            os.killpg(first.pid, 9)
-        except ProcessLookupError:
-            pass
+def test_identity_in_use_by_a_running_node(mistakes):
+    assert_one_line_error(mistakes["identity_in_use"], "already used by a running node", "--identity-path")
 
 
-def test_unreadable_identity_file(tmp_path):
-    (tmp_path / "identity.key").write_bytes(b"this is not a key")
-    assert_one_line_error(run_cli("run", "--output-dir", str(tmp_path), *TINY), "not a libp2p RSA private key")
+def test_unreadable_identity_file(mistakes):
+    assert_one_line_error(mistakes["unreadable"], "not a libp2p RSA private key")
 
 
-def test_unknown_task(tmp_path):
-    result = run_cli("run", "--output-dir", str(tmp_path), *TINY, "--task-preset", "custom", "--tasks", "no_such_task")
-    assert_one_line_error(result, "unknown task 'no_such_task'")
+def test_unknown_task(mistakes):
+    assert_one_line_error(mistakes["unknown_task"], "unknown task 'no_such_task'")
 
 
-def test_memory_estimate_that_does_not_fit(tmp_path):
-    result = run_cli("run", "--output-dir", str(tmp_path), "--model", "smollm2-135m", "--memory-limit-mb", "1000")
-    assert_one_line_error(result, "GB is available", "--micro-batch-size")
+def test_memory_estimate_that_does_not_fit(mistakes):
+    assert_one_line_error(mistakes["memory"], "GB is available", "--micro-batch-size")

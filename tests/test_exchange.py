@@ -68,7 +68,10 @@ def test_publish_poll_fetch_and_failures(tmp_path, reap_children):
             # c signs a record with its own key but claims to be a: rejected as owner_mismatch
             forged = by_peer[ex_a.peer_id].model_copy(update={"round": 2})
             key = rollout_key(config.swarm_name, shard_of(ex_a.peer_id, config.num_shards))
-            assert dht_c.store(key, wire.encode(forged), get_dht_time() + 60, subkey=ex_c.validator.local_public_key)
+            # c's own manifest is stored under the same subkey when a and c share a shard (1 in num_shards), and
+            # the DHT keeps the later expiration: outlive it so the forged record always replaces it
+            expiration = get_dht_time() + 2 * config.publish_ttl_s
+            assert dht_c.store(key, wire.encode(forged), expiration, subkey=ex_c.validator.local_public_key)
             manifests, rejects = await ex_b.poll()
             assert [(r.reason, r.peer_id) for r in rejects] == [("owner_mismatch", ex_c.peer_id)]
             # the peer's next round replaces its previous manifest (one record per peer)

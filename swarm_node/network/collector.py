@@ -102,6 +102,7 @@ class Collector:
         self._good_peers: set[str] = set()  # peers that delivered a valid payload before
         self._failures: Counter[str] = Counter()  # fetches or payloads of a peer that gave us nothing
         self._tries: Counter[str] = Counter()  # fetches attempted per peer
+        self._last_seen: set[str] = set()  # peers with a fresh manifest in the previous collect call
         self.peers_announced: set[str] = set()  # every peer with a valid manifest seen so far
         self._used = ExpiringSet(ttl_s)  # content keys of groups already trained on
         self.verify_s = 0.0
@@ -112,7 +113,9 @@ class Collector:
         """Gather verified groups from peers' latest manifests, then sample J.
 
         Waits (polling every 0.5 s) until J usable groups are pooled, or every connected peer with a fresh manifest
-        has published something new during this call, or no peer is connected, or `collect_timeout_s` passes.
+        (in this call or the previous one) has published something new during this call, or no peer is connected,
+        or `collect_timeout_s` passes. Remembering the previous call's peers keeps a DHT read that briefly misses
+        a peer's record (a timeout on a loaded machine) from ending the wait early.
         """
         horizon = time.monotonic() - self.net.max_staleness_s
         self._pool = {k: v for k, v in self._pool.items() if v[0] >= horizon}
@@ -147,12 +150,14 @@ class Collector:
             if want == 0 or len(self.usable()) >= want or stopping() or time.monotonic() >= deadline:
                 break
             live = {info.peer_id.to_base58() for info in await self.exchange.p2p.list_peers()}
-            waiting_for = {m.peer_id for m in manifests if m.peer_id in live and not self.trust.is_banned(m.peer_id)}
+            expected = peers_seen | self._last_seen
+            waiting_for = {p for p in expected if p in live and not self.trust.is_banned(p)}
             if not live or waiting_for <= delivered:
                 break  # alone, or every live peer already delivered its newest round
             t_wait = time.monotonic()
             await asyncio.sleep(0.5)
             wait_s += time.monotonic() - t_wait
+        self._last_seen = peers_seen
         usable = self.usable()
         chosen = select_external(usable, want, self.rng, self.train.filter_zero_advantage)
         for g in chosen:
