@@ -20,7 +20,8 @@ from swarm_node.config import leaf_fields, load_config
 from swarm_node.errors import OperatorError
 
 EXIT_OPERATOR_ERROR = 2
-SWARM_ONLY = {"output_dir", "rounds", "linger_s", "initial_peers", "identity_path", "host_maddrs", "announce_maddrs"}
+SWARM_ONLY = {"output_dir", "rounds", "linger_s", "initial_peers", "initial_peers_file", "identity_path", "host_maddrs",
+              "announce_maddrs"}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:

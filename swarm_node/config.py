@@ -126,6 +126,15 @@ class NetworkConfig(_Section):
         default_factory=list,
         description="Multiaddrs of bootstrap peers, e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm... Empty starts a new swarm.",
     )
+    initial_peers_file: str | None = Field(
+        None,
+        description="node.json of a bootstrap peer on this machine or a shared volume (swarm-node writes it once "
+        "the peer has joined); its multiaddrs are added to initial_peers. The node loads its model first and then "
+        "waits up to initial_peers_file_timeout_s for the file, so every node of a local swarm can start at once.",
+    )
+    initial_peers_file_timeout_s: float = Field(
+        300.0, gt=0, description="Longest wait for initial_peers_file to appear, seconds."
+    )
     host_maddrs: list[str] = Field(
         default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"],
         description="Multiaddrs to listen on. Use /ip4/0.0.0.0/tcp/31337 to accept connections from other machines.",

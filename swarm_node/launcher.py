@@ -75,7 +75,7 @@ class LocalSwarm:
     def node_dir(self, i: int) -> Path:
         return self.out / f"node{i}"
 
-    def _spawn(self, i: int, initial_peers: list[str]) -> subprocess.Popen:
+    def _spawn(self, i: int, bootstrap_file: Path | None) -> subprocess.Popen:
         d = self.node_dir(i)
         d.mkdir(parents=True, exist_ok=True)
         (d / "node.json").unlink(missing_ok=True)
@@ -87,8 +87,8 @@ class LocalSwarm:
                 "--linger-s", "3600"]
         if self.config_file:
             argv += ["--config", self.config_file]
-        if initial_peers:
-            argv += ["--initial-peers", *initial_peers]
+        if bootstrap_file is not None:
+            argv += ["--initial-peers-file", str(bootstrap_file)]
         argv += _flags(self.overrides)
         log = open(d / "node.log", "a" if self.resume else "w")
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -111,13 +111,14 @@ class LocalSwarm:
             return "(no log)"
 
     def start(self) -> None:
-        """Start node 0, wait for its multiaddrs, then start the others pointed at it."""
+        """Start every node at once; nodes 1.. load their models meanwhile and join node 0 (the bootstrap peer) once
+        its node.json appears (--initial-peers-file)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        self.procs.append(self._spawn(0, []))
+        self.procs.append(self._spawn(0, None))
+        for i in range(1, self.num_nodes):
+            self.procs.append(self._spawn(i, self.node_dir(0) / "node.json"))
         info = self._wait_for_info(0)
         console.print(f"[bold]bootstrap peer[/] node0 {info['peer_id']} at {' '.join(info['multiaddrs'])}")
-        for i in range(1, self.num_nodes):
-            self.procs.append(self._spawn(i, info["multiaddrs"]))
         for i in range(1, self.num_nodes):
             peer = self._wait_for_info(i)
             console.print(f"node{i} {peer['peer_id']} joined")

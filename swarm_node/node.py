@@ -130,6 +130,26 @@ class Node:
         await self.exchange.publish(self._payload(self.round, []))
         self._write_node_info()
 
+    async def _peers_from_file(self, path: Path, timeout_s: float) -> list[str]:
+        """The multiaddrs in a bootstrap peer's node.json, once it exists (polled every 0.2 s).
+
+        Raises:
+            NetworkError: the file did not appear within `timeout_s`, or holds no valid multiaddr with a peer ID.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            if time.monotonic() > deadline or self._stop.is_set():
+                raise NetworkError(f"the bootstrap peer's {path} did not appear within {timeout_s:.0f} s: start "
+                                   "that peer first, or raise --initial-peers-file-timeout-s")
+            await asyncio.sleep(0.2)
+        try:
+            maddrs = json.loads(path.read_text())["multiaddrs"]
+            assert isinstance(maddrs, list) and maddrs
+        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            raise NetworkError(f"{path} is not a swarm-node node.json with a 'multiaddrs' list") from None
+        check_multiaddrs(maddrs, f"bootstrap peer (from {path})", need_peer_id=True)
+        return maddrs
+
     def _check_memory(self) -> None:
         from swarm_node.learning.models import ModelError, estimate_memory_mb
 
@@ -163,9 +183,12 @@ class Node:
         from hivemind import DHT
 
         net = self.config.network
+        initial_peers = list(net.initial_peers)
+        if net.initial_peers_file:
+            initial_peers += await self._peers_from_file(Path(net.initial_peers_file), net.initial_peers_file_timeout_s)
         self.validator = CountingSignatureValidator(self.identity.private_key)
         kwargs: dict[str, Any] = dict(
-            initial_peers=net.initial_peers or None,
+            initial_peers=initial_peers or None,
             host_maddrs=net.host_maddrs,
             identity_path=str(self.identity.path),
             client_mode=net.client_mode,
@@ -202,7 +225,7 @@ class Node:
             self._children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
             record_children(self.out_dir / "node.pids", self._children)
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
-        if not net.initial_peers:
+        if not initial_peers:
             log.info("started a new swarm; others join with --initial-peers %s", " ".join(self.maddrs))
         else:
             log.info("joined the swarm; this node's multiaddrs: %s", " ".join(self.maddrs))
@@ -432,9 +455,12 @@ class Node:
             return
         deadline = time.monotonic() + net.min_peers_timeout_s
         while not self.stopping and time.monotonic() < deadline:
-            if len(await self.exchange.p2p.list_peers()) >= net.min_peers:
+            # a peer counts once it has announced itself (it publishes after loading its model), not when its
+            # DHT first connects, which can be many seconds before it is ready to exchange rollouts
+            manifests, _ = await self.exchange.poll()
+            if len({m.peer_id for m in manifests}) >= net.min_peers:
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
         log.warning("fewer than %d peers after %.0f s (min_peers_timeout_s); starting anyway",
                     net.min_peers, net.min_peers_timeout_s)
 

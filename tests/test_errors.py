@@ -55,6 +55,8 @@ def mistakes(tmp_path_factory):
         "unreadable": [*TINY],
         "unknown_task": [*TINY, "--task-preset", "custom", "--tasks", "no_such_task"],
         "memory": ["--model", "smollm2-135m", "--memory-limit-mb", "1000"],
+        "no_bootstrap_file": [*TINY, "--initial-peers-file", str(tmp / "never" / "node.json"),
+                              "--initial-peers-file-timeout-s", "1"],
     }
 
     def start(name, args, out_name=None, stderr=subprocess.PIPE):
@@ -129,3 +131,7 @@ def test_unknown_task(mistakes):
 
 def test_memory_estimate_that_does_not_fit(mistakes):
     assert_one_line_error(mistakes["memory"], "GB is available", "--micro-batch-size")
+
+
+def test_bootstrap_file_that_never_appears(mistakes):
+    assert_one_line_error(mistakes["no_bootstrap_file"], "did not appear within 1 s", "--initial-peers-file-timeout-s")

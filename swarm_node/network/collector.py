@@ -75,6 +75,9 @@ class ExpiringSet:
         self._added = {k: t for k, t in self._added.items() if t >= horizon}
 
 
+QUIET_MARGIN_S = 5.0  # see Collector._quiet
+
+
 class Collector:
     """Owns the external-group pool of one node.
 
@@ -103,6 +106,7 @@ class Collector:
         self._failures: Counter[str] = Counter()  # fetches or payloads of a peer that gave us nothing
         self._tries: Counter[str] = Counter()  # fetches attempted per peer
         self._last_seen: set[str] = set()  # peers with a fresh manifest in the previous collect call
+        self._published_at: dict[str, list[float]] = {}  # peer -> creation times (DHT clock) of its last 2 rounds
         self.peers_announced: set[str] = set()  # every peer with a valid manifest seen so far
         self._used = ExpiringSet(ttl_s)  # content keys of groups already trained on
         self.verify_s = 0.0
@@ -114,7 +118,8 @@ class Collector:
 
         Waits (polling every 0.5 s) until J usable groups are pooled, or every connected peer with a fresh manifest
         (in this call or the previous one) has published something new during this call, or no peer is connected,
-        or `collect_timeout_s` passes. Remembering the previous call's peers keeps a DHT read that briefly misses
+        or `collect_timeout_s` passes. A peer that has gone quiet (see `_quiet`: it finished its rounds and only
+        serves, or stalled) is not waited for. Remembering the previous call's peers keeps a DHT read that briefly misses
         a peer's record (a timeout on a loaded machine) from ending the wait early.
         """
         horizon = time.monotonic() - self.net.max_staleness_s
@@ -134,6 +139,10 @@ class Collector:
             self.peers_announced.update(m.peer_id for m in manifests)
             manifests = [m for m in manifests if self._is_fresh(m)]
             peers_seen.update(m.peer_id for m in manifests)
+            for m in manifests:
+                times = self._published_at.setdefault(m.peer_id, [])
+                if not times or m.created_at_s > times[-1]:
+                    times[:] = [*times[-1:], m.created_at_s]
             new = [m for m in manifests if (m.peer_id, m.round, m.payload_sha256) not in self._seen_manifests]
             for m in new:
                 if m.num_groups == 0:  # a peer announcing itself ("hello"): nothing to fetch, wait for its round
@@ -151,7 +160,7 @@ class Collector:
                 break
             live = {info.peer_id.to_base58() for info in await self.exchange.p2p.list_peers()}
             expected = peers_seen | self._last_seen
-            waiting_for = {p for p in expected if p in live and not self.trust.is_banned(p)}
+            waiting_for = {p for p in expected if p in live and not self.trust.is_banned(p) and not self._quiet(p)}
             if not live or waiting_for <= delivered:
                 break  # alone, or every live peer already delivered its newest round
             t_wait = time.monotonic()
@@ -163,6 +172,15 @@ class Collector:
         for g in chosen:
             self._used.add(g.content_key())
         return Collected(chosen, len(usable), len(peers_seen), wait_s)
+
+    def _quiet(self, peer_id: str) -> bool:
+        """Has this peer stopped publishing rounds (finished its run, or stalled)? True once its newest manifest is
+        older than two of its own round periods plus QUIET_MARGIN_S; unknown periods count as active."""
+        times = self._published_at.get(peer_id, [])
+        if len(times) < 2:
+            return False
+        period_s = max(0.0, times[1] - times[0])
+        return get_dht_time() - times[1] > 2 * period_s + QUIET_MARGIN_S
 
     def _is_fresh(self, m: wire.Manifest) -> bool:
         """Freshness on the DHT clock (all peers share it within seconds): neither stale nor from the future."""
