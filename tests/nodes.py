@@ -16,13 +16,17 @@ import psutil
 class Proc:
     """One `swarm-node run` process in its own session, with helpers that wait for states (node.json, rounds)."""
 
-    def __init__(self, out: Path, initial_peers: list[str], flags: list[str]):
+    def __init__(self, out: Path, initial_peers: list[str], flags: list[str], bootstrap: Proc | None = None):
+        """Start the node. `bootstrap`: join that node once its node.json appears (--initial-peers-file), so both
+        can start at once; used for this launch only (a restart gets explicit initial peers)."""
         self.out, self.flags = out, flags
         out.mkdir(parents=True, exist_ok=True)
         (out / "node.json").unlink(missing_ok=True)
         argv = [sys.executable, "-m", "swarm_node.cli", "run", "--output-dir", str(out), *flags]
         if initial_peers:
             argv += ["--initial-peers", *initial_peers]
+        if bootstrap is not None:
+            argv += ["--initial-peers-file", str(bootstrap.out / "node.json")]
         self.log = open(out / "node.log", "a")
         self.popen = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.sessions = {self.popen.pid}

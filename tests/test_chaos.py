@@ -26,9 +26,8 @@ def test_churn_kill9_bootstrap_death_restart_and_late_joiner(tmp_path):
     nodes: dict[str, Proc] = {}
     try:
         nodes["n0"] = Proc(tmp_path / "n0", [], FLAGS)
-        boot = nodes["n0"].info()["multiaddrs"]
-        for name in ("n1", "n2", "n3"):
-            nodes[name] = Proc(tmp_path / name, boot, FLAGS)
+        for name in ("n1", "n2", "n3"):  # started at once; they join n0 when its node.json appears
+            nodes[name] = Proc(tmp_path / name, [], FLAGS, bootstrap=nodes["n0"])
         infos = {name: p.info() for name, p in nodes.items()}
         for p in nodes.values():
             p.wait_rounds(2)

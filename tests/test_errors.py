@@ -55,6 +55,9 @@ def mistakes(tmp_path_factory):
         "unreadable": [*TINY],
         "unknown_task": [*TINY, "--task-preset", "custom", "--tasks", "no_such_task"],
         "memory": ["--model", "smollm2-135m", "--memory-limit-mb", "1000"],
+        "bad_multiaddr": ["--initial-peers", "not-a-multiaddr"],
+        "no_peer_id": ["--initial-peers", "/ip4/127.0.0.1/tcp/9"],
+        "unknown_model": ["--model", "/nonexistent/model"],
         "no_bootstrap_file": [*TINY, "--initial-peers-file", str(tmp / "never" / "node.json"),
                               "--initial-peers-file-timeout-s", "1"],
     }
@@ -135,3 +138,12 @@ def test_memory_estimate_that_does_not_fit(mistakes):
 
 def test_bootstrap_file_that_never_appears(mistakes):
     assert_one_line_error(mistakes["no_bootstrap_file"], "did not appear within 1 s", "--initial-peers-file-timeout-s")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("bad_multiaddr", "is not a valid multiaddr"),
+    ("no_peer_id", "no /p2p/<peer ID>"),
+    ("unknown_model", "unknown model"),
+])
+def test_malformed_settings_are_caught_before_joining(mistakes, case, message):
+    assert_one_line_error(mistakes[case], message)

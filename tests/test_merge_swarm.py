@@ -37,9 +37,8 @@ def test_same_model_peers_merge_and_another_model_only_shares_rollouts(tmp_path)
     nodes: dict[str, Proc] = {}
     try:
         nodes["a"] = Proc(tmp_path / "a", [], FLAGS + ["--model", "tiny", "--seed", "1"])
-        boot = nodes["a"].info()["multiaddrs"]
-        nodes["b"] = Proc(tmp_path / "b", boot, FLAGS + ["--model", "tiny", "--seed", "2"])
-        nodes["c"] = Proc(tmp_path / "c", boot, FLAGS + ["--model", str(other), "--seed", "3"])
+        nodes["b"] = Proc(tmp_path / "b", [], FLAGS + ["--model", "tiny", "--seed", "2"], bootstrap=nodes["a"])
+        nodes["c"] = Proc(tmp_path / "c", [], FLAGS + ["--model", str(other), "--seed", "3"], bootstrap=nodes["a"])
         rows = {name: p.wait_rounds(3, timeout_s=240) for name, p in nodes.items()}
         a, b, c = rows["a"], rows["b"], rows["c"]
         for r in range(3):
