@@ -138,17 +138,22 @@ def bench_compute(args) -> dict:
     }
 
 
-def bench_swarm(args) -> dict:
-    """A real 2-node SmolLM2 local swarm with the default settings; per-round phases from metrics.jsonl."""
+def bench_swarm(args, optimizer: str) -> dict:
+    """A real 2-node SmolLM2 local swarm with the default settings and `optimizer`; per-round phases from
+    metrics.jsonl."""
     out = Path(tempfile.mkdtemp(prefix="node-speed-"))
     cmd = [sys.executable, "-m", "swarm_node.cli", "swarm", "--nodes", "2", "--rounds", str(args.swarm_rounds),
-           "--output-dir", str(out), "--metrics-port", "-1"]
+           "--output-dir", str(out), "--metrics-port", "-1", "--optimizer", optimizer]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=3600)
     rows = [json.loads(x) for n in (0, 1) for x in (out / f"node{n}" / "metrics.jsonl").read_text().splitlines()]
     work = [m["publish_s"] + m["collect_s"] - m["collect_wait_s"] for m in rows]
     return {
+        "optimizer": optimizer,
+        "load_average_after": os.getloadavg(),
         "rounds": len(rows),
         "peak_rss_mb": max(m["peak_rss_mb"] for m in rows),
+        "peak_rss_mb_per_node": [max(m["peak_rss_mb"] for m in rows if m["peer_id"] == p)
+                                 for p in sorted({m["peer_id"] for m in rows})],
         "swarm_share": sum(work) / sum(m["round_s"] for m in rows),
         "swarm_work_s_per_round": statistics.fmean(work),
         "verify_ms_per_group": statistics.fmean(m["verify_ms_per_group"] for m in rows),
@@ -164,30 +169,37 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--swarm-rounds", type=int, default=4)
     parser.add_argument("--skip-swarm", action="store_true")
+    parser.add_argument("--skip-compute", action="store_true", help="only the swarm runs (peak RSS, swarm share)")
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "adafactor"], choices=["adamw", "adafactor"],
+                        help="one 2-node swarm per optimizer (peak RSS differs by about 1 GB)")
     parser.add_argument("--out", default="benchmarks/results/node_speed.json")
     args = parser.parse_args()
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "threads": args.threads},
               "load_average_before": os.getloadavg()}
-    result.update(bench_compute(args))
+    if args.skip_compute and Path(args.out).exists():  # keep the compute section of the previous run
+        result.update({k: v for k, v in json.loads(Path(args.out).read_text()).items() if k != "swarm"})
+    if not args.skip_compute:
+        result.update(bench_compute(args))
     if not args.skip_swarm:
-        result["swarm"] = bench_swarm(args)
-    result["load_average_after"] = os.getloadavg()
+        result["swarm"] = {opt: bench_swarm(args, opt) for opt in args.optimizers}
+    if not args.skip_compute:
+        result["load_average_after"] = os.getloadavg()
     table = Table(title=f"node speed (SmolLM2-135M, I={I}, L={L}, {MAX_NEW_TOKENS} new tokens, {args.threads} thread(s))")
     for col in ("measure", "node", "reference", "ratio", "target"):
         table.add_column(col)
-    g = result["generation_tokens_per_s"]
-    table.add_row("generation tokens/s", f"{g['node']:.0f}", f"{g['plain_fp32']:.0f} (plain generate, fp32)",
-                  f"{result['generation_ratio_vs_plain_fp32']:.2f}x", ">= 2x")
-    table.add_row("", "", f"{g['plain_bf16_autocast']:.0f} (plain generate, bf16 autocast)",
-                  f"{result['generation_ratio_vs_plain_bf16_autocast']:.2f}x", "")
-    t = result["train_s_per_1k_tokens"]
-    table.add_row("train s / 1k completion tokens", f"{t['node']:.2f}", f"{t['naive_fp32']:.2f} (naive fp32)",
-                  f"{result['train_speedup_vs_naive_fp32']:.2f}x faster", "")
-    if "swarm" in result:
-        s = result["swarm"]
-        table.add_row("peak RSS of a node, MB", f"{s['peak_rss_mb']:.0f}", "", "", "<= 3072")
-        table.add_row("swarm share of round time", f"{100 * s['swarm_share']:.2f}%", "", "", "<= 2%")
+    if "generation_tokens_per_s" in result:
+        g = result["generation_tokens_per_s"]
+        table.add_row("generation tokens/s", f"{g['node']:.0f}", f"{g['plain_fp32']:.0f} (plain generate, fp32)",
+                      f"{result['generation_ratio_vs_plain_fp32']:.2f}x", ">= 2x")
+        table.add_row("", "", f"{g['plain_bf16_autocast']:.0f} (plain generate, bf16 autocast)",
+                      f"{result['generation_ratio_vs_plain_bf16_autocast']:.2f}x", "")
+        t = result["train_s_per_1k_tokens"]
+        table.add_row("train s / 1k completion tokens", f"{t['node']:.2f}", f"{t['naive_fp32']:.2f} (naive fp32)",
+                      f"{result['train_speedup_vs_naive_fp32']:.2f}x faster", "")
+    for opt, s in result.get("swarm", {}).items():
+        table.add_row(f"peak RSS of a node, MB ({opt})", f"{s['peak_rss_mb']:.0f}", "", "", "<= 3072")
+        table.add_row(f"swarm share of round time ({opt})", f"{100 * s['swarm_share']:.2f}%", "", "", "<= 2%")
     Console().print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     sapo.add_argument("--model", default=None, help="policy model for every agent (default: the preset's)")
     sapo.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"],
                       help="autocast dtype of every agent (default auto: bf16 where the CPU supports it)")
+    sapo.add_argument("--optimizer", default=None, choices=["adamw", "adafactor"],
+                      help="optimizer of every agent (default adamw; adafactor saves about 1 GB per SmolLM2 agent)")
     exp_report = exp_sub.add_parser("report", help="re-create results.md, results.json and plots from the logs")
     exp_report.add_argument("experiment_dir", help="an experiment directory, e.g. experiments/smol")
 
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from swarm_node.experiment import run_experiment
 
-            extra = {k: v for k, v in (("model", args.model), ("precision", args.precision)) if v} or None
+            extra = {k: v for k, v in (("model", args.model), ("precision", args.precision),
+                                                  ("optimizer", args.optimizer)) if v} or None
             return run_experiment(args.preset, Path(args.root) / (args.name or args.preset), args.arms, args.seeds,
                                   args.rounds, extra)
         if args.command == "run":

@@ -97,7 +97,12 @@ class TrainConfig(_Section):
     num_completions: int = Field(8, ge=2, description="L: completions generated per question (group size).")
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Maximum new tokens per completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for generation.")
-    learning_rate: float = Field(2e-5, gt=0, description="Adam learning rate.")
+    learning_rate: float = Field(2e-5, gt=0, description="Optimizer learning rate (absolute step size, both optimizers).")
+    optimizer: Literal["adamw", "adafactor"] = Field(
+        "adamw", description="adamw: fused AdamW, two full fp32 moments (8 bytes/parameter). adafactor: Adafactor "
+        "(Shazeer & Stern 2018, transformers' implementation) with a factored second moment, no first moment and "
+        "the absolute learning rate: about 1 GB less for SmolLM2-135M; see docs/benchmarks.md."
+    )
     grad_clip_norm: float = Field(1.0, gt=0, description="Max global L2 norm of gradients.")
     clip_eps_low: float = Field(0.2, ge=0, description="Lower clip of the importance ratio (1 - eps_low).")
     clip_eps_high: float = Field(0.28, ge=0, description="Upper clip of the importance ratio (1 + eps_high), DAPO clip-higher.")
@@ -313,6 +318,12 @@ class NodeConfig(_Section):
         if m.merge_mode == "grad" and m.merge_optimizer_state != "keep":
             raise ValueError("merge_optimizer_state applies to params and diloco; in grad mode the group shares one "
                              "optimizer: leave it at keep")
+        if self.train.optimizer == "adafactor" and m.merge_mode == "grad":
+            raise ValueError("merge_mode=grad is tested with AdamW only (the group averages its optimizer state): "
+                             "use --optimizer adamw, or merge weights with --merge-mode params or diloco")
+        if self.train.optimizer == "adafactor" and m.merge_mode != "off" and m.merge_optimizer_state == "average":
+            raise ValueError("merge_optimizer_state=average averages AdamW's two moments; Adafactor has none of that "
+                             "shape: use --merge-optimizer-state keep or reset, or --optimizer adamw")
         return self
 
     @property

@@ -157,13 +157,14 @@ class Node:
         from swarm_node.network.merging import param_copies
 
         need_mb = estimate_memory_mb(t.model, t.micro_batch_size, t.num_local_groups * t.num_completions,
-                                     t.max_new_tokens, extra_param_copies=param_copies(self.config.merge))
+                                     t.max_new_tokens, extra_param_copies=param_copies(self.config.merge),
+                                     optimizer=t.optimizer)
         limit_mb = t.memory_limit_mb or psutil.virtual_memory().available / 2**20
         if need_mb > limit_mb:
             raise ModelError(
                 f"this configuration needs about {need_mb / 1024:.1f} GB but {limit_mb / 1024:.1f} GB is available: "
-                "lower --micro-batch-size, --num-local-groups x --num-completions or --max-new-tokens, or use a "
-                "smaller --model"
+                "lower --micro-batch-size, --num-local-groups x --num-completions or --max-new-tokens, use "
+                "--optimizer adafactor (about 1 GB less for SmolLM2), or use a smaller --model"
             )
         log.info("memory estimate %.1f GB of %.1f GB available", need_mb / 1024, limit_mb / 1024)
 

@@ -27,6 +27,10 @@ def test_precedence_file_env_flags(tmp_path):
     (dict(overrides={"tasks": ["chain_sum"]}), "task_preset"),
     (dict(overrides={"task_preset": "custom"}), "at least one entry"),
     (dict(file="/nonexistent/node.toml"), "does not exist"),
+    (dict(overrides={"optimizer": "adafactor", "merge_mode": "grad"}), "--optimizer adamw"),
+    (dict(overrides={"optimizer": "adafactor", "merge_mode": "params", "merge_optimizer_state": "average"}),
+     "merge-optimizer-state keep"),
+    (dict(overrides={"optimizer": "sgd"}), "optimizer"),
 ])
 def test_operator_mistakes_give_one_clear_message(kwargs, message):
     kwargs.setdefault("environ", {})

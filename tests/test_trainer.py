@@ -1,5 +1,7 @@
 """One GRPO step with a tiny model and the real SmolLM2 tokenizer."""
 
+import copy
+
 import pytest
 import torch
 
@@ -28,9 +30,11 @@ def test_generate_returns_l_completions_per_prompt(tiny_policy_factory, taskset)
     assert 0 < out.num_tokens <= 3 * 4 * 6
 
 
-def test_step_changes_weights_and_counts_tokens(tiny_policy_factory, taskset):
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_step_changes_weights_and_counts_tokens(tiny_policy_factory, taskset, optimizer):
     policy = tiny_policy_factory()
-    trainer = Trainer(policy, TrainConfig(model="tiny", learning_rate=1e-3, micro_batch_size=3), taskset)
+    trainer = Trainer(policy, TrainConfig(model="tiny", learning_rate=1e-3, micro_batch_size=3, optimizer=optimizer),
+                      taskset)
     spec = TaskSpec("chain_sum", taskset.tasks["chain_sum"], 0, 1, 1000)
     answer = recreate(spec).answer
     # an external group: text from another peer, re-tokenised locally
@@ -56,6 +60,37 @@ def test_step_changes_weights_and_counts_tokens(tiny_policy_factory, taskset):
         logp0, _ = Trainer(policy2, TrainConfig(model="tiny"), taskset)._completion_logprobs(policy2.model, batch)
     gain = ((logp - logp0) * mask).sum(1) / mask.sum(1)
     assert gain[0] > gain[1:].max()
+
+
+def _state_floats(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() for state in optimizer.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def test_adafactor_state_is_factored_and_resumes_exactly(tiny_policy_factory, taskset):
+    """Adafactor keeps (n,) + (m,) floats per (n, m) matrix instead of AdamW's 2 x n x m, and its state_dict
+    (what a checkpoint stores) continues training exactly where it stopped."""
+    spec = TaskSpec("chain_sum", taskset.tasks["chain_sum"], 0, 1, 1000)
+    answer = recreate(spec).answer
+    groups = [make_group(spec, [f"<answer>{answer}</answer>", "<answer>x</answer>", "no", "<answer>0</answer>"],
+                         [1.0, 0.0, 0.0, 0.5])]
+    config = TrainConfig(model="tiny", learning_rate=1e-3, optimizer="adafactor")
+    adamw = Trainer(tiny_policy_factory(), TrainConfig(model="tiny", learning_rate=1e-3), taskset)
+    adamw.step(groups)
+    straight = Trainer(tiny_policy_factory(), config, taskset)
+    straight.step(groups)
+    n_params = sum(p.numel() for p in straight.policy.model.parameters())
+    assert _state_floats(adamw.optimizer) == 2 * n_params
+    assert _state_floats(straight.optimizer) < 0.05 * n_params
+
+    resumed = Trainer(tiny_policy_factory(), config, taskset)
+    resumed.policy.model.load_state_dict(straight.policy.model.state_dict())
+    # a copy, as a checkpoint file gives: load_state_dict would otherwise share the moment tensors
+    resumed.optimizer.load_state_dict(copy.deepcopy(straight.optimizer.state_dict()))
+    straight.step(groups)
+    resumed.step(groups)
+    for a, b in zip(straight.policy.model.parameters(), resumed.policy.model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_no_signal_means_no_step(tiny_policy_factory, taskset):

@@ -144,10 +144,11 @@ def check_model_name(name: str) -> None:
 
 
 def estimate_memory_mb(name: str, micro_batch_size: int, num_sequences: int, max_new_tokens: int,
-                       prompt_tokens: int = 256, extra_param_copies: int = 0) -> float:
-    """Rough peak memory of a node, MB: fp32 weights + grads + Adam (16 bytes/param), training activations of one
-    micro-batch, the generation KV cache, and 600 MB of runtime (torch, tokenizer, hivemind), plus
-    `extra_param_copies` fp32 copies of the weights (merging's buffers, see network/merging/).
+                       prompt_tokens: int = 256, extra_param_copies: int = 0, optimizer: str = "adamw") -> float:
+    """Rough peak memory of a node, MB: fp32 weights + grads + optimizer state (AdamW 8 bytes/param, Adafactor's
+    factored moment about 0), training activations of one micro-batch, the generation KV cache, and 600 MB of
+    runtime (torch, tokenizer, hivemind), plus `extra_param_copies` fp32 copies of the weights (merging's
+    buffers, see network/merging/).
 
     Calibration here (bf16 autocast): SmolLM2-135M peaked at 3.9-4.9 GB RSS with micro-batch 4 (estimate 4.1 GB)
     and 6.3 GB with micro-batch 16 (estimate 7.0 GB).
@@ -167,7 +168,8 @@ def estimate_memory_mb(name: str, micro_batch_size: int, num_sequences: int, max
     activations = micro_batch_size * seq * layers * h * 4 * 12  # ~12 saved (B, T, H) fp32 tensors per layer
     kv_dim = h * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
     kv_cache = num_sequences * seq * layers * 2 * kv_dim * 4
-    return (params * (16 + 4 * extra_param_copies) + activations + kv_cache) / 2**20 + 600
+    state_bytes = 8 if optimizer == "adamw" else 0
+    return (params * (8 + state_bytes + 4 * extra_param_copies) + activations + kv_cache) / 2**20 + 600
 
 
 def load_policy(name: str, seed: int = 0, precision: str = "auto") -> Policy:

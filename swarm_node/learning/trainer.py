@@ -51,6 +51,23 @@ class StepStats:
     policy_version: int
 
 
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by `config.optimizer`, with the absolute learning rate `config.learning_rate`.
+
+    - adamw: `torch.optim.AdamW(fused=True)`, one fused kernel per step; state 8 bytes per parameter.
+    - adafactor: transformers' Adafactor (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear
+      Memory Cost") with `beta1=None` (no first moment), a factored second moment for matrices ((n,) + (m,)
+      floats for an (n, m) weight), update clipping at RMS 1, and `relative_step=False, scale_parameter=False`
+      so that `learning_rate` means what it means for AdamW (not a step relative to the weights' RMS).
+    """
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=config.learning_rate, beta1=None, weight_decay=0.0, relative_step=False,
+                         scale_parameter=False, warmup_init=False)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0, fused=True)
+
+
 class Trainer:
     """Owns the optimizer and the policy version counter (number of optimizer steps taken).
 
@@ -62,8 +79,7 @@ class Trainer:
 
     def __init__(self, policy: Policy, config: TrainConfig, taskset: TaskSet):
         self.policy, self.config, self.taskset = policy, config, taskset
-        self.optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.learning_rate, weight_decay=0.0,
-                                           fused=True)  # one fused kernel per step (CPU and CUDA)
+        self.optimizer = make_optimizer(policy.model.parameters(), config)
         self.reference = None
         if config.kl_coef > 0:
             self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
@@ -71,13 +87,13 @@ class Trainer:
         self._collaborative = False
 
     def use_collaborative_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step through `optimizer` (a hivemind.Optimizer wrapping this trainer's AdamW), passing each step's
+        """Step through `optimizer` (a hivemind.Optimizer wrapping this trainer's optimizer), passing each step's
         number of sequences as its batch size (merge_mode = grad)."""
         self.optimizer, self._collaborative = optimizer, True
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
-        """The AdamW itself (inside a hivemind.Optimizer in grad mode)."""
+        """The torch optimizer itself (inside a hivemind.Optimizer in grad mode)."""
         return getattr(self.optimizer, "opt", self.optimizer)
 
     def prompt_text(self, spec: TaskSpec) -> str:
