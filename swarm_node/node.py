@@ -44,7 +44,7 @@ from swarm_node.network.collector import Collector, group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 from swarm_node import progress
-from swarm_node.processes import kill_and_wait, reap_recorded, record_children, release_free_memory
+from swarm_node.processes import kill_and_wait, reap_recorded, record_children, release_free_memory, tune_memory
 from swarm_node.telemetry import Telemetry
 
 log = logging.getLogger("swarm_node")
@@ -172,6 +172,9 @@ class Node:
         from swarm_node.learning.models import load_policy
         from swarm_node.learning.trainer import Trainer
 
+        t = self.config.train
+        tuned = tune_memory(t.malloc_mmap_threshold_bytes, t.onednn_cache_capacity)  # before any tensor work
+        log.debug("memory tuning applied: %s", tuned)
         import torch
 
         if self.config.train.torch_threads:
