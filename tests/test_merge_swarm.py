@@ -42,15 +42,18 @@ def test_same_model_peers_merge_and_another_model_only_shares_rollouts(tmp_path)
         rows = {name: p.wait_rounds(3, timeout_s=240) for name, p in nodes.items()}
         a, b, c = rows["a"], rows["b"], rows["c"]
         for r in range(3):
-            # the two tiny peers (other seeds, so other weights) merged every round, as a pair
-            assert (a[r]["merge_outcome"], a[r]["merge_group_size"]) == ("merged", 2), a[r]
-            assert (b[r]["merge_outcome"], b[r]["merge_group_size"]) == ("merged", 2), b[r]
+            # the two tiny peers (other seeds, so other weights) merged every round, as a pair. On a loaded
+            # machine a round can fail verification (a part timed out) and be repaired by a re-average or a state
+            # download: that is still a merge, and the checksums below must agree either way.
+            assert a[r]["merge_outcome"] in ("merged", "repaired") and a[r]["merge_group_size"] == 2, a[r]
+            assert b[r]["merge_outcome"] in ("merged", "repaired") and b[r]["merge_group_size"] == 2, b[r]
             (sum_a, norm_a), (sum_b, norm_b) = a[r]["merge_checksum"], b[r]["merge_checksum"]
             assert abs(sum_a - sum_b) < 1e-6 * norm_a and abs(norm_a - norm_b) < 1e-6 * norm_a
             # the other model never joined a group, and skipping cost it almost nothing
             assert c[r]["merge_outcome"] == "alone" and c[r]["merge_group_size"] == 0, c[r]
             assert c[r]["merge_s"] < 2.0, c[r]
-        assert a[-1]["merges"] == 3 and a[-1]["merges_failed"] == 0 and a[-1]["merge_bytes_out"] > 0
+        assert a[-1]["merges"] == 3 and a[-1]["merge_bytes_out"] > 0
+        assert a[-1]["merges_failed"] == a[-1]["merge_repairs"] == sum(row["merge_outcome"] == "repaired" for row in a)
         assert c[-1]["merges"] == 0 and c[-1]["merges_skipped"] == 3 and c[-1]["merge_bytes_out"] == 0
         # but everyone's rollouts were used by everyone: J = 4 takes both peers' 2 groups each
         for name in "abc":
