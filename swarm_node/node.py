@@ -177,11 +177,11 @@ class Node:
         log.debug("memory tuning applied: %s", tuned)
         import torch
 
-        if self.config.train.torch_threads:
-            torch.set_num_threads(self.config.train.torch_threads)
-        torch.manual_seed(self.config.train.seed)
-        policy = load_policy(self.config.train.model, self.config.train.seed, self.config.train.precision)
-        return policy, Trainer(policy, self.config.train, self.taskset)
+        if t.torch_threads:
+            torch.set_num_threads(t.torch_threads)
+        torch.manual_seed(t.seed)
+        policy = load_policy(t.model, t.seed, t.precision)
+        return policy, Trainer(policy, t, self.taskset)
 
     async def _join_swarm(self) -> None:
         from hivemind import DHT

@@ -8,6 +8,7 @@ node kills the survivors of its previous run, checked by PID *and* start time so
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -74,6 +75,18 @@ def kill_and_wait(procs: list[psutil.Process], grace_s: float = 3.0, timeout_s: 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
 
 
+@functools.cache
+def _libc():
+    """The C library (loaded once), or None where it cannot be loaded."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def tune_memory(mmap_threshold_bytes: int, onednn_cache_capacity: int) -> dict[str, bool]:
     """Bound a node's memory growth over rounds. Call before the first tensor operation.
 
@@ -87,19 +100,13 @@ def tune_memory(mmap_threshold_bytes: int, onednn_cache_capacity: int) -> dict[s
 
     Measured in docs/benchmarks.md. Returns which of the two took effect (glibc only; no-op elsewhere).
     """
-    import ctypes
-    import ctypes.util
-
     done = {"mmap_threshold": False, "onednn_cache": False}
     if onednn_cache_capacity > 0 and "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ:
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(onednn_cache_capacity)  # read at the first primitive
         done["onednn_cache"] = True
-    if mmap_threshold_bytes > 0:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            done["mmap_threshold"] = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold_bytes))
-        except (OSError, AttributeError):
-            pass
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mmap_threshold_bytes > 0 and mallopt is not None:
+        done["mmap_threshold"] = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold_bytes))
     return done
 
 
@@ -110,11 +117,6 @@ def release_free_memory() -> None:
     heaps, so a SmolLM2 node's RSS crept from 3.6 to 5.7 GB over 12 rounds in the first experiment run (and
     one of four agents was OOM-killed). Trimming after each phase keeps the resident size at what is live.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
