@@ -1,4 +1,4 @@
-"""Command line: `swarm-node run`, `swarm`, `status`, `report`, `config-doc`.
+"""Command line: `swarm-node run`, `swarm`, `status`, `report`, `experiment`, `doctor`, `config-doc`.
 
 Flags are generated from the config tree (one flag per setting, same name as the field), and heavy
 libraries (torch, transformers, hivemind) are imported only after the arguments are parsed, so `--help`
@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="optimizer of every agent (default adamw; adafactor saves about 1 GB per SmolLM2 agent)")
     exp_report = exp_sub.add_parser("report", help="re-create results.md, results.json and plots from the logs")
     exp_report.add_argument("experiment_dir", help="an experiment directory, e.g. experiments/smol")
+
+    doctor = sub.add_parser("doctor", help="check why a node cannot join: daemon, ports, bootstrap peers, clock, "
+                            "memory, disk, model, versions (exit 0 when all pass)")
+    doctor.add_argument("--config", help="TOML config file (also SWARM_NODE_CONFIG)")
+    doctor.add_argument("--skip-model", action="store_true", help="do not load the model (faster)")
+    _add_config_flags(doctor)
 
     sub.add_parser("config-doc", help="print the reference of every setting (markdown)")
     return parser
@@ -189,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
                                                   ("optimizer", args.optimizer)) if v} or None
             return run_experiment(args.preset, Path(args.root) / (args.name or args.preset), args.arms, args.seeds,
                                   args.rounds, extra)
+        if args.command == "doctor":
+            from swarm_node.doctor import doctor
+
+            config = load_config(args.config, _overrides(args))
+            setup_logging("WARNING")
+            return doctor(config, load_model=not args.skip_model)
         if args.command == "run":
             config = load_config(args.config, _overrides(args))
             setup_logging(config.log_level, config.log_format)
