@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import fuzz_cases as fc  # noqa: E402
 
@@ -33,8 +34,8 @@ def run(name: str, strategies: tuple, check, examples: int, rng_seed: int) -> di
     @seed(rng_seed)
     @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck))
-    @given(*strategies)
-    def prop(*args):
+    @given(st.tuples(*strategies))
+    def prop(args):
         cases[0] += 1
         slowest[0] = max(slowest[0], fc.timed(check, *args))
 

@@ -67,7 +67,7 @@ def specs(draw) -> dict:
         "dataset": field(st.sampled_from(sorted(tasks.SMOL_TASKS) + ["no_such_dataset", ""])),
         "config": field(st.dictionaries(config_keys, config_values, max_size=6)),
         "seed": field(boundary_ints(*INT64)),
-        "index": field(boundary_ints(0, size if isinstance(size, int) else 10)),
+        "index": field(boundary_ints(0, size if type(size) is int and 1 <= size < 2**63 else 10)),
         "size": st.just(size),
         "rg_version": field(st.sampled_from([tasks.RG_VERSION, "0.0.1"])),
     }))
