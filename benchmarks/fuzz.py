@@ -58,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    for name, (_, strategy) in sorted(fc.DECODERS.items()):
-        rows.append(run(f"decode_{name}", (fc.encoded(strategy),),
+    for name, (_, strategy, valid) in sorted(fc.DECODERS.items()):
+        rows.append(run(f"decode_{name}", (fc.encoded(strategy, valid),),
                         lambda data, name=name: fc.check_decoder(name, data), args.examples, args.seed))
     rows.append(run("recreate_and_score", (fc.decodable_specs(), fc.completions), fc.check_recreate,
                     args.recreate_examples, args.seed))

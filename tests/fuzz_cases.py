@@ -12,10 +12,12 @@ finite reward in [0, 1]. Anything else (another exception type, a crash) fails t
 
 from __future__ import annotations
 
+import json
 import math
 import string
 import time
 from collections import Counter
+from pathlib import Path
 
 import msgpack
 from hypothesis import strategies as st
@@ -47,7 +49,7 @@ msgpack_values = st.recursive(
 
 def field(valid: st.SearchStrategy) -> st.SearchStrategy:
     """A field value: usually from the table (valid or at a boundary), sometimes any msgpack value."""
-    return st.one_of(valid, valid, valid, msgpack_values)
+    return st.one_of(*[valid] * 7, msgpack_values)
 
 
 version = field(st.one_of(st.just([1, 0]), st.tuples(boundary_ints(0, 65535), boundary_ints(0, 65535)).map(list)))
@@ -104,15 +106,39 @@ state_infos = st.fixed_dictionaries({"version": version, "mode": field(st.sample
 def mutated(draw, base: st.SearchStrategy) -> dict:
     """A message map with some fields deleted and some unknown fields added."""
     value = dict(draw(base))
-    for key in draw(st.lists(st.sampled_from(sorted(value)), max_size=2)):
+    for key in draw(st.lists(st.sampled_from(sorted(value)), max_size=2).filter(lambda keys: len(keys) < 2 or keys[0] != keys[1])) if draw(st.booleans()) else []:
         value.pop(key, None)
     value.update(draw(st.dictionaries(st.text(max_size=6), msgpack_values, max_size=2)))
     return value
 
 
-def encoded(base: st.SearchStrategy) -> st.SearchStrategy[bytes]:
-    """Bytes to decode: an encoded (mutated) message, its bytes with a splice of random bytes, or random bytes."""
-    packed = mutated(base).map(lambda v: msgpack.packb(v, use_bin_type=True))
+VECTORS = Path(__file__).resolve().parents[1] / "protocols" / "v1"
+
+
+def _from_json(value):
+    if isinstance(value, dict):
+        return bytes.fromhex(value["$bin"]) if set(value) == {"$bin"} else {k: _from_json(v) for k, v in value.items()}
+    return [_from_json(v) for v in value] if isinstance(value, list) else value
+
+
+def golden(name: str) -> dict:
+    """The value of a valid golden vector (protocols/v1/NAME.json)."""
+    return _from_json(json.loads((VECTORS / f"{name}.json").read_text())["value"])
+
+
+@st.composite
+def near_valid(draw, base: st.SearchStrategy, valid: dict) -> dict:
+    """A valid golden message with 0-2 of its fields replaced by values drawn from the field table strategy."""
+    other = draw(base)
+    keys = draw(st.lists(st.sampled_from(sorted(valid)), max_size=2, unique=True))
+    return valid | {k: other[k] for k in keys if k in other}
+
+
+def encoded(base: st.SearchStrategy, valid: dict | None = None) -> st.SearchStrategy[bytes]:
+    """Bytes to decode: an encoded (mutated or near-valid) message, its bytes with a splice of random bytes, or
+    random bytes."""
+    messages = mutated(base) if valid is None else st.one_of(mutated(base), near_valid(base, valid))
+    packed = messages.map(lambda v: msgpack.packb(v, use_bin_type=True))
 
     @st.composite
     def spliced(draw) -> bytes:
@@ -124,12 +150,12 @@ def encoded(base: st.SearchStrategy) -> st.SearchStrategy[bytes]:
     return st.one_of(packed, packed, spliced(), st.binary(max_size=300))
 
 
-DECODERS = {
-    "manifest": (wire.decode_manifest, manifests),
-    "payload": (lambda data: wire.decode_payload(data, MAX_PAYLOAD_BYTES), payloads),
-    "fetch_request": (wire.decode_request, requests),
-    "merge_gather": (wire.decode_merge_gather, gathers),
-    "merge_state_info": (wire.decode_merge_state_info, state_infos),
+DECODERS = {  # name -> (decoder, field-table strategy, a valid golden message to perturb)
+    "manifest": (wire.decode_manifest, manifests, golden("manifest_valid")),
+    "payload": (lambda data: wire.decode_payload(data, MAX_PAYLOAD_BYTES), payloads, golden("payload_valid")),
+    "fetch_request": (wire.decode_request, requests, golden("fetch_request_valid")),
+    "merge_gather": (wire.decode_merge_gather, gathers, golden("merge_gather_valid")),
+    "merge_state_info": (wire.decode_merge_state_info, state_infos, golden("merge_state_info_valid")),
 }
 outcomes: Counter[str] = Counter()  # "<decoder>:<ok or reason>", for the benchmark's report
 

@@ -21,7 +21,7 @@ MEMORY_BOUND_BYTES = 64 << 20  # per decoded message of <= 64 KiB
 @pytest.mark.parametrize("name", sorted(fc.DECODERS))
 def test_decoder_returns_or_raises_one_typed_reject(name):
     @CI
-    @given(fc.encoded(fc.DECODERS[name][1]))
+    @given(fc.encoded(*fc.DECODERS[name][1:]))
     def prop(data):
         tracemalloc.start()
         try:
@@ -38,7 +38,7 @@ def test_the_strategies_reach_every_outcome():
     fc.outcomes.clear()
 
     @CI
-    @given(fc.encoded(fc.requests))
+    @given(fc.encoded(fc.requests, fc.golden("fetch_request_valid")))
     def prop(data):
         fc.check_decoder("fetch_request", data)
 

@@ -198,3 +198,8 @@ def test_a_task_set_whose_config_cannot_travel_is_an_operator_error():
 
     with pytest.raises(TaskError, match="operators"):
         TaskSet("custom", ['basic_arithmetic:{"operators": ["+", "-"]}'], 0, 0, 100)
+
+
+def test_an_empty_container_deeper_than_the_bound_is_malformed_too():
+    assert _reason(wire.decode_request, b"\x81\xa1a" + b"\x91" * 5 + b"\x90") == "malformed"  # [] at depth 7
+    assert wire.decode_request(b"\x83\xa7version\x92\x01\x00\xa5round\x07\xa1a" + b"\x91" * 4 + b"\x90").round == 7

@@ -273,20 +273,31 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"ext type {code}")
 
 
+_CONTAINERS = (dict, list)
+_ALLOWED = _SCALARS | {dict, list}
+
+
 def _check_tree(root: Any) -> None:
     """Reject containers nested deeper than MAX_DEPTH and any value that is not a plain msgpack type
-    (msgpack decodes the timestamp ext type -1 itself, past `ext_hook`). Iterative: no recursion on peer data."""
-    stack = [(root, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise WireError("malformed", f"containers nested deeper than {MAX_DEPTH}")
-        for child in node.values() if type(node) is dict else node:
-            kind = type(child)
-            if kind is dict or kind is list:
-                stack.append((child, depth + 1))
-            elif kind not in _SCALARS:
-                raise WireError("malformed", f"value of type {kind.__name__}")
+    (msgpack decodes the timestamp ext type -1 itself, past `ext_hook`).
+
+    Level by level, without recursion on peer data; the type test of a node's children runs in C
+    (`set(map(type, ...))`), so 4 MiB of tiny containers costs ~0.2 s, not seconds.
+    """
+    level, depth = [root], 1
+    while level:
+        deeper: list = []
+        for node in level:
+            children = node.values() if type(node) is dict else node
+            kinds = set(map(type, children))
+            if kinds <= _SCALARS:
+                continue
+            if not kinds <= _ALLOWED:
+                raise WireError("malformed", f"value of type {sorted(k.__name__ for k in kinds - _ALLOWED)[0]}")
+            if depth >= MAX_DEPTH:  # a container child would sit at depth + 1
+                raise WireError("malformed", f"containers nested deeper than {MAX_DEPTH}")
+            deeper += [c for c in children if type(c) in _CONTAINERS and c]
+        level, depth = deeper, depth + 1
 
 
 def unpack(data: bytes) -> Any:
