@@ -168,7 +168,11 @@ class NetworkConfig(_Section):
     identity_path: str = Field(
         "", description="Private key file of the node's peer ID; created on first run. Empty: <output_dir>/identity.key."
     )
-    swarm_name: str = Field("sapo", description="Namespace of the DHT keys; nodes only exchange within one swarm name.")
+    swarm_name: str = Field(
+        "sapo", pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Namespace of the DHT keys; nodes only exchange within one swarm name. 1-64 ASCII letters, "
+        "digits, `_` or `-` (protocols/PROTOCOL.md), so it is used in keys as given, never rewritten.",
+    )
     num_shards: int = Field(8, ge=1, le=256, description="DHT keys that peers' manifests are spread over.")
     dht_replicas: int = Field(
         10, ge=1, le=64, description="DHT nodes asked to store each manifest (hivemind num_replicas). More replicas "

@@ -61,3 +61,15 @@ def test_cli_config_doc_lists_every_setting():
     result = run_cli("config-doc")
     assert result.returncode == 0
     assert "`--num-external-groups`" in result.stdout and "SWARM_NODE_COLLECT_TIMEOUT_S" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["sapo", "My_swarm-2", "x" * 64])
+def test_swarm_name_is_used_as_given(name):
+    assert load_config(None, {"swarm_name": name}, environ={}).network.swarm_name == name
+
+
+@pytest.mark.parametrize("name", ["", "x" * 65, "sän", "a/b", "a b", "a.b"])
+def test_swarm_name_outside_the_protocol_grammar_is_an_operator_error(name):
+    """PROTOCOL.md: swarm_name is 1-64 of [A-Za-z0-9_-]; the code never rewrites it (it kept non-ASCII letters)."""
+    with pytest.raises(ConfigError, match="swarm_name"):
+        load_config(None, {"swarm_name": name}, environ={})

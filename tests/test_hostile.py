@@ -124,7 +124,7 @@ def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap
                                                          size=10, rg_version=RG_VERSION)
             await payload_attack("bad_dataset", "bad_task_spec", lambda p, r: wire.encode(good(p, r, spec=bad_spec)))
             bad_index = bad_spec.model_copy(update={"dataset": "chain_sum", "index": 10})
-            await payload_attack("bad_index", "bad_task_spec", lambda p, r: wire.encode(good(p, r, spec=bad_index)))
+            await payload_attack("bad_index", "schema", lambda p, r: wire.encode(good(p, r, spec=bad_index)))  # PROTOCOL.md: index >= size is schema
             await payload_attack("hash", "hash_mismatch", lambda p, r: wire.encode(good(p, r)),
                                  payload_sha256=b"\x07" * 32)
             await payload_attack("stall", "fetch_timeout", lambda p, r: b"z" * 1000, serve=stall)

@@ -96,3 +96,110 @@ def test_signed_records_of_64_peers_fit_far_below_the_dht_message_cap():
     assert per_peer < 1400
     peers, shards, dht_cap = 64, 8, 4 * 1024 * 1024
     assert peers / shards * per_peer < dht_cap / 100  # ~11 KiB per value vs a 4 MiB cap
+
+
+# ---------------------------------------------------------------- strict decoding (PROTOCOL.md "Decoding")
+def packed_payload(**group_spec_over):
+    d = raw(payload())
+    d["groups"][0]["spec"].update(group_spec_over)
+    return d
+
+
+def test_deeply_nested_config_is_rejected_at_the_wire():
+    """Hole 1 (issue 15): a config value nested 1,000 levels deep (1 KB, inside msgpack's own stack limit and the
+    2,048-byte config budget) decoded fine and crashed re-creation with RecursionError."""
+    d = raw(payload())
+    d["groups"][0]["spec"]["config"] = {"min_terms": 2}
+    data = msgpack.packb(d)
+    deep = data.replace(msgpack.packb({"min_terms": 2}), b"\x81\xa9min_terms" + b"\x91" * 1000 + b"\x02")
+    assert len(deep) == len(data) + 1000
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_payload(deep, 1 << 20)
+    assert e.value.reason == "malformed" and "nested deeper" in e.value.detail
+
+
+@pytest.mark.parametrize("value", [[1], {"a": 1}, None, b"\x01", 2**63, 2**64 - 1, math.nan, math.inf, "x" * 129])
+def test_config_values_are_bounded_scalars(value):
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_payload(msgpack.packb(packed_payload(config={"min_terms": value})), 1 << 20)
+    assert e.value.reason == "schema"
+
+
+@pytest.mark.parametrize("value", [True, 0, -(2**63), 2**63 - 1, 1.5, "x" * 128])
+def test_config_scalars_keep_their_type(value):
+    decoded = wire.decode_payload(msgpack.packb(packed_payload(config={"k": value})), 1 << 20)
+    got = decoded.groups[0].spec.config["k"]
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("created_at_s", [math.nan, math.inf, -math.inf, -1.0])
+def test_manifest_created_at_must_be_finite_and_non_negative(created_at_s):
+    """Hole 4 (issue 15): a manifest with created_at_s = NaN counted as fresh forever."""
+    m = raw(wire.Manifest(version=wire.PROTOCOL_VERSION, peer_id="QmPeer", round=1, policy_version=0, model="tiny",
+                          num_groups=1, num_completions=2, payload_bytes=10, payload_sha256=b"\x01" * 32,
+                          created_at_s=1.7e9))
+    m["created_at_s"] = created_at_s
+    with pytest.raises(wire.WireError) as e:
+        wire.decode_manifest(msgpack.packb(m))
+    assert e.value.reason == "schema"
+
+
+def test_float_fields_take_float32_and_integers_but_not_bools():
+    d = raw(payload())
+    d["groups"][0]["rewards"] = [1, 0.0]
+    assert wire.decode_payload(msgpack.packb(d), 1 << 20).groups[0].rewards == [1.0, 0.0]
+    assert wire.decode_payload(msgpack.packb(raw(payload()), use_single_float=True), 1 << 20) == payload()
+    d["groups"][0]["rewards"] = [True, 0.0]
+    with pytest.raises(wire.WireError, match="schema"):
+        wire.decode_payload(msgpack.packb(d), 1 << 20)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x82\xa1a\x01\xa1a\x02",  # duplicate key
+    b"\x81\xc4\x01a\x01",  # bin key
+    b"\x81\x01\x01",  # int key
+    b"\x81\xa1a\xd4\x05\x01",  # ext type 5
+    b"\x81\xa1a\xd6\xff\x00\x00\x00\x01",  # timestamp ext (-1)
+    b"\x81\xa1a\x01\x00",  # trailing byte
+    b"\x81\xa1a\xa2\xc3\x28",  # invalid UTF-8
+    b"\x81\xa1a\xa3\xed\xa0\x80",  # UTF-8-encoded surrogate
+    b"\x81\xa1a" + b"\x91" * 6 + b"\x01",  # depth 7 (the map is level 1)
+    b"\x81\xa1a\x92\x01",  # truncated
+])
+def test_msgpack_level_rejections_are_malformed(data):
+    for decode in (wire.decode_manifest, wire.decode_request, lambda b: wire.decode_payload(b, 1 << 20)):
+        with pytest.raises(wire.WireError) as e:
+            decode(data)
+        assert e.value.reason == "malformed"
+
+
+def test_order_of_checks_first_failure_wins():
+    bad_major_and_schema = msgpack.packb({"version": [2, 0], "round": "x"})
+    assert _reason(wire.decode_request, bad_major_and_schema) == "version"
+    assert _reason(wire.decode_request, bad_major_and_schema + b"\x00") == "malformed"
+    assert _reason(wire.decode_request, b"\xc1" * 300) == "too_large"
+    assert _reason(wire.decode_request, msgpack.packb({"version": [True, 0], "round": 1})) == "schema"
+    assert _reason(wire.decode_request, msgpack.packb({"version": [1, 0, 0], "round": 1})) == "schema"
+
+
+def _reason(decode, data):
+    with pytest.raises(wire.WireError) as e:
+        decode(data)
+    return e.value.reason
+
+
+def test_index_at_or_over_size_is_a_schema_reject():
+    with pytest.raises(wire.WireError, match="schema"):
+        wire.decode_payload(msgpack.packb(packed_payload(index=100, size=100)), 1 << 20)
+
+
+def test_a_task_set_whose_config_cannot_travel_is_an_operator_error():
+    from swarm_node.learning.tasks import TaskError, TaskSet
+
+    with pytest.raises(TaskError, match="operators"):
+        TaskSet("custom", ['basic_arithmetic:{"operators": ["+", "-"]}'], 0, 0, 100)
+
+
+def test_an_empty_container_deeper_than_the_bound_is_malformed_too():
+    assert _reason(wire.decode_request, b"\x81\xa1a" + b"\x91" * 5 + b"\x90") == "malformed"  # [] at depth 7
+    assert wire.decode_request(b"\x83\xa7version\x92\x01\x00\xa5round\x07\xa1a" + b"\x91" * 4 + b"\x90").round == 7

@@ -17,15 +17,17 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import math
 import random
 from functools import lru_cache
 from typing import Any
 
 import reasoning_gym
 from reasoning_gym.factory import DATASETS
-from reasoning_gym.utils import SYSTEM_PROMPTS, extract_answer
+from reasoning_gym.utils import SYSTEM_PROMPTS
 
 from swarm_node.errors import OperatorError
+from swarm_node.network import wire
 
 RG_VERSION = importlib.metadata.version("reasoning-gym")
 
@@ -129,24 +131,46 @@ def recreate(spec: TaskSpec) -> Question:
         raise TaskError(f"cannot generate {spec.dataset}[{spec.index}]: {e}") from None
 
 
-def score(question: Question, completion: str) -> float:
-    """Strict verifier reward in [0, 1]: reasoning-gym's `score_answer` on the text inside <answer> tags.
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+_ASCII_SPACE = " \t\n\r\x0b\x0c"
 
-    A completion without `<answer>...</answer>` scores 0 (no format reward is mixed in).
+
+def extract_answer(completion: str) -> str | None:
+    """The answer of a completion (PROTOCOL.md "Answer extraction"), or None if it has no tag pair.
+
+    The last `<answer>` that some `</answer>` follows counts; the answer is the text between it and the first
+    `</answer>` after it, with ASCII whitespace stripped from both ends. Tags are exact and case-sensitive.
+    Linear time (two `rfind` and one `find`), whatever the text: a completion full of unclosed tags costs no more.
     """
-    answer = extract_answer(completion, tag_name="answer")
+    close = completion.rfind(ANSWER_CLOSE)
+    if close < 0:
+        return None
+    start = completion.rfind(ANSWER_OPEN, 0, close)
+    if start < 0:
+        return None
+    start += len(ANSWER_OPEN)
+    return completion[start : completion.index(ANSWER_CLOSE, start)].strip(_ASCII_SPACE)
+
+
+def score(question: Question, completion: str) -> float:
+    """Strict verifier reward in [0, 1]: reasoning-gym's `score_answer` on `extract_answer(completion)`.
+
+    A completion without an `<answer>...</answer>` pair scores 0 (no format reward is mixed in). A verifier
+    that raises or returns a non-finite value scores 0.
+    """
+    answer = extract_answer(completion)
     if answer is None:
         return 0.0
     try:
         reward = float(dataset_for(question.spec).score_answer(answer, question.entry))
     except Exception:  # a verifier crash on odd text counts as a wrong answer
         return 0.0
-    return min(max(reward, 0.0), 1.0) if reward == reward else 0.0
+    return min(max(reward, 0.0), 1.0) if math.isfinite(reward) else 0.0
 
 
 def has_answer_tags(completion: str) -> bool:
     """Whether the completion followed the `<answer>...</answer>` format (reported, never rewarded)."""
-    return extract_answer(completion, tag_name="answer") is not None
+    return extract_answer(completion) is not None
 
 
 class TaskSet:
@@ -174,6 +198,10 @@ class TaskSet:
         self.num_fewshot = default_shots if num_fewshot < 0 else num_fewshot
         self.seed, self.size = seed, size
         for name, config in self.tasks.items():
+            try:  # the config travels in every task spec, so it must be one the wire allows (scalar values)
+                wire.check_config(config)
+            except wire.WireError as e:
+                raise TaskError(f"task {name}: {e.detail}") from None
             dataset_for(TaskSpec(name, config, seed, 0, size))  # fail at start-up, not mid-run
 
     def draw(self, rng: random.Random) -> TaskSpec:

@@ -12,17 +12,23 @@ Messages that cross the network (spec: protocols/PROTOCOL.md):
 Versioning: every message carries `version = [major, minor]`. Decoders ignore unknown fields, default
 missing optional fields, and reject another major version. Nothing is ever pickled.
 
-`decode_*` raise `WireError(reason)` with a short reason code that the node counts per reason.
+Decoding is strict and runs its checks in the spec's order (PROTOCOL.md "Decoding"): size (`too_large`), then
+msgpack (`malformed`: invalid or truncated bytes, trailing bytes, duplicate or non-string map keys, ext types,
+invalid UTF-8, containers nested deeper than `MAX_DEPTH`), then the major version (`version`), then the field
+tables (`schema`). The first failing check gives the reason. `decode_*` raise only `WireError(reason)`, whatever
+the input, so one peer's bytes can never raise anything else in its handler.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from typing import Annotated, Any
 
 import msgpack
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr,
+                      ValidationError, field_validator, model_validator)
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 0
@@ -34,7 +40,13 @@ MAX_GROUPS_PER_PAYLOAD = 64
 MAX_COMPLETIONS_PER_GROUP = 64
 MAX_COMPLETION_CHARS = 8192
 MAX_NAME_CHARS = 128
-MAX_CONFIG_BYTES = 2048
+MAX_CONFIG_BYTES = 2048  # canonical re-encoding of a task spec's `config` map (PROTOCOL.md "TaskSpec")
+MAX_CONFIG_KEY_CHARS = 64
+MAX_CONFIG_STR_CHARS = 128
+MAX_REQUEST_BYTES = 256
+MAX_DEPTH = 6  # containers (maps/arrays) nested in one message, the top-level map counting as 1
+MAX_VERSION = 2**16 - 1  # major and minor are each 0..65535
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_MERGE_SEGMENTS = 256  # checksum segments per merge (tensors are grouped to at most this many)
 MAX_MERGE_MESSAGE_BYTES = 16 * 1024
 
@@ -47,10 +59,13 @@ class WireError(Exception):
         self.reason, self.detail = reason, detail
 
 
+VersionPart = Annotated[StrictInt, Field(ge=0, le=MAX_VERSION)]
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
-    version: tuple[StrictInt, StrictInt]
+    version: tuple[VersionPart, VersionPart]
 
     @field_validator("version")
     @classmethod
@@ -60,8 +75,14 @@ class _Message(BaseModel):
         return v
 
 
-Name = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_CHARS)]
-NonNegInt = Annotated[StrictInt, Field(ge=0, lt=2**63)]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_CHARS)]  # chars = Unicode code points
+PeerIdStr = Annotated[StrictStr, Field(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")]
+NonNegInt = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
+Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
+# A float field takes a msgpack float64 or float32 (widened exactly) or an integer (converted to the nearest float64),
+# never a bool, and must be finite (PROTOCOL.md "Decoding").
+WireFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+_CONFIG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Manifest(_Message):
@@ -71,7 +92,7 @@ class Manifest(_Message):
     num_completions (total over groups), payload_bytes, payload_sha256 (32 bytes), created_at_s (unix time).
     """
 
-    peer_id: Name
+    peer_id: PeerIdStr
     round: NonNegInt
     policy_version: NonNegInt
     model: Name
@@ -79,7 +100,7 @@ class Manifest(_Message):
     num_completions: Annotated[StrictInt, Field(ge=0, le=MAX_GROUPS_PER_PAYLOAD * MAX_COMPLETIONS_PER_GROUP)]
     payload_bytes: NonNegInt
     payload_sha256: Annotated[bytes, Field(min_length=32, max_length=32)]
-    created_at_s: StrictFloat = 0.0
+    created_at_s: Annotated[WireFloat, Field(ge=0)] = 0.0
 
 
 class WireTaskSpec(BaseModel):
@@ -89,17 +110,63 @@ class WireTaskSpec(BaseModel):
 
     dataset: Name
     config: dict[StrictStr, Any]
-    seed: StrictInt
+    seed: Int64
     index: NonNegInt
-    size: Annotated[StrictInt, Field(gt=0)]
+    size: Annotated[StrictInt, Field(gt=0, le=INT64_MAX)]
     rg_version: Name
 
     @field_validator("config")
     @classmethod
-    def _small_config(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if len(msgpack.packb(v)) > MAX_CONFIG_BYTES:
-            raise ValueError(f"config over {MAX_CONFIG_BYTES} bytes")
+    def _scalar_config(cls, v: dict[str, Any]) -> dict[str, Any]:
+        problem = config_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> "WireTaskSpec":
+        if self.index >= self.size:
+            raise ValueError(f"index {self.index} >= size {self.size}")
+        return self
+
+
+def config_bytes(config: dict[str, Any]) -> int:
+    """Length of the canonical encoding of a task config: shortest msgpack forms, floats as float64, bytes."""
+    return len(msgpack.packb(config, use_bin_type=True))
+
+
+def config_problem(config: dict[str, Any]) -> str:
+    """Why `config` cannot be a wire TaskSpec's config, or "" if it can (PROTOCOL.md "TaskSpec").
+
+    Keys: ASCII identifiers of 1-64 chars. Values: scalars only, typed exactly as decoded (no conversion):
+    bool, int in [-2^63, 2^63), finite float, or str of at most 128 chars. Canonical encoding <= 2048 bytes.
+    """
+    for key, value in config.items():
+        if type(key) is not str or len(key) > MAX_CONFIG_KEY_CHARS or not _CONFIG_KEY.fullmatch(key):
+            return f"config key {str(key)[:80]!r} is not an identifier of 1-{MAX_CONFIG_KEY_CHARS} ASCII chars"
+        kind = type(value)
+        if kind is int:
+            ok = INT64_MIN <= value <= INT64_MAX
+        elif kind is float:
+            ok = math.isfinite(value)
+        elif kind is str:
+            ok = len(value) <= MAX_CONFIG_STR_CHARS
+        else:
+            ok = kind is bool
+        if not ok:
+            return f"config value of {key!r} is not a bool, int64, finite float or str of <= {MAX_CONFIG_STR_CHARS} chars"
+    if config_bytes(config) > MAX_CONFIG_BYTES:
+        return f"config over {MAX_CONFIG_BYTES} bytes (canonical encoding)"
+    return ""
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Raise WireError("schema") unless `config` can be a wire TaskSpec's config."""
+    if type(config) is not dict:
+        raise WireError("schema", "config is not a map")
+    problem = config_problem(config)
+    if problem:
+        raise WireError("schema", problem)
 
 
 class WireGroup(BaseModel):
@@ -112,24 +179,19 @@ class WireGroup(BaseModel):
         list[Annotated[StrictStr, Field(max_length=MAX_COMPLETION_CHARS)]],
         Field(min_length=2, max_length=MAX_COMPLETIONS_PER_GROUP),
     ]
-    rewards: list[StrictFloat]
+    rewards: Annotated[list[WireFloat], Field(max_length=MAX_COMPLETIONS_PER_GROUP)]
 
-    @field_validator("rewards")
-    @classmethod
-    def _finite(cls, v: list[float]) -> list[float]:
-        if not all(math.isfinite(r) for r in v):
-            raise ValueError("non-finite reward")
-        return v
-
-    def model_post_init(self, __context: Any) -> None:
+    @model_validator(mode="after")
+    def _same_length(self) -> "WireGroup":
         if len(self.rewards) != len(self.completions):
             raise ValueError("rewards and completions differ in length")
+        return self
 
 
 class RolloutPayload(_Message):
     """All groups a peer published for one round; moved over a libp2p stream."""
 
-    peer_id: Name
+    peer_id: PeerIdStr
     round: NonNegInt
     policy_version: NonNegInt
     model: Name
@@ -193,25 +255,90 @@ def encode(message: BaseModel) -> bytes:
     return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)
 
 
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def _strict_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if type(key) is not str:
+            raise ValueError(f"map key of type {type(key).__name__}")
+        if key in out:
+            raise ValueError(f"duplicate map key {key[:64]!r}")
+        out[key] = value
+    return out
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"ext type {code}")
+
+
+_CONTAINERS = (dict, list)
+_ALLOWED = _SCALARS | {dict, list}
+
+
+def _check_tree(root: Any) -> None:
+    """Reject containers nested deeper than MAX_DEPTH and any value that is not a plain msgpack type
+    (msgpack decodes the timestamp ext type -1 itself, past `ext_hook`).
+
+    Level by level, without recursion on peer data; the type test of a node's children runs in C
+    (`set(map(type, ...))`), so 4 MiB of tiny containers costs ~0.2 s, not seconds.
+    """
+    level, depth = [root], 1
+    while level:
+        deeper: list = []
+        for node in level:
+            children = node.values() if type(node) is dict else node
+            kinds = set(map(type, children))
+            if kinds <= _SCALARS:
+                continue
+            if not kinds <= _ALLOWED:
+                raise WireError("malformed", f"value of type {sorted(k.__name__ for k in kinds - _ALLOWED)[0]}")
+            if depth >= MAX_DEPTH:  # a container child would sit at depth + 1
+                raise WireError("malformed", f"containers nested deeper than {MAX_DEPTH}")
+            deeper += [c for c in children if type(c) in _CONTAINERS and c]
+        level, depth = deeper, depth + 1
+
+
+def unpack(data: bytes) -> Any:
+    """Strict msgpack decoding (PROTOCOL.md "Decoding"). Raises WireError("malformed")."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, object_pairs_hook=_strict_map, ext_hook=_no_ext,
+                              use_list=True)
+    except Exception as e:  # msgpack raises several types on garbage (ExtraData, StackError, UnicodeDecodeError, ...)
+        raise WireError("malformed", f"{type(e).__name__}: {str(e)[:200]}") from None
+    kind = type(raw)
+    if kind is dict or kind is list:
+        _check_tree(raw)
+    elif kind not in _SCALARS:
+        raise WireError("malformed", f"value of type {kind.__name__}")
+    return raw
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors(include_input=False, include_url=False)[0]
+    return (".".join(str(x) for x in err["loc"]) + " " + err["msg"])[:300]
+
+
 def _decode(cls: type[BaseModel], data: bytes, max_bytes: int) -> Any:
+    """size -> msgpack -> top-level map -> major version -> schema; the first failing check names the reason."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise WireError("too_large", f"{len(data)} bytes > {max_bytes}")
-    try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several types on garbage
-        raise WireError("malformed", str(e)[:200]) from None
+    raw = unpack(bytes(data))
     if not isinstance(raw, dict):
         raise WireError("malformed", "top level is not a map")
     version = raw.get("version")
-    if isinstance(version, list) and len(version) == 2 and isinstance(version[0], int) and version[0] != PROTOCOL_MAJOR:
+    if isinstance(version, list) and len(version) == 2 and type(version[0]) is int and version[0] != PROTOCOL_MAJOR:
         raise WireError("version", f"major version {version[0]}")
     if isinstance(version, list):
         raw["version"] = tuple(version)
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        raise WireError("schema", str(e.errors()[0]["loc"]) + " " + e.errors()[0]["msg"]) from None
-    except ValueError as e:
+        raise WireError("schema", _first_error(e)) from None
+    except (ValueError, TypeError) as e:
         raise WireError("schema", str(e)[:200]) from None
 
 
@@ -226,7 +353,8 @@ def decode_payload(data: bytes, max_bytes: int) -> RolloutPayload:
 
 
 def decode_request(data: bytes) -> FetchRequest:
-    return _decode(FetchRequest, data, 256)
+    """Decode a FetchRequest (at most MAX_REQUEST_BYTES). Raises WireError."""
+    return _decode(FetchRequest, data, MAX_REQUEST_BYTES)
 
 
 def sha256(data: bytes) -> bytes:
