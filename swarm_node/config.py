@@ -178,14 +178,24 @@ class NetworkConfig(_Section):
     collect_timeout_s: float = Field(
         60.0,
         ge=0,
-        description="Longest time a round waits for peers' groups, seconds. The wait ends early once J usable "
-        "groups are in, once every peer seen has published this round, or when no peer is connected.",
+        description="Unused since collection runs in the background and a round never waits for peers (kept so "
+        "that existing configs load); see collect_interval_s, max_staleness_s and max_policy_lag.",
+    )
+    collect_interval_s: float = Field(
+        1.0, gt=0, description="Period of the background collection cycle (DHT poll, fetches, verification into "
+        "the pool of external groups), seconds. Each cycle reads num_shards DHT keys."
+    )
+    max_policy_lag: int = Field(
+        4, ge=0, description="Drop a pooled external group once its generator has announced a policy version more "
+        "than this many optimizer steps newer than the one that generated it (counted as `max_policy_lag` in "
+        "pool_dropped). Lag is measured in the generator's own versions: different nodes' counters are independent."
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Deadline for fetching one peer's rollouts, seconds.")
     dht_timeout_s: float = Field(10.0, gt=0, description="Deadline for one DHT call, seconds.")
     max_staleness_s: float = Field(
-        300.0, gt=0, description="Use peers' rollouts published at most this long ago (DHT clock), seconds. Round "
-        "counters of different nodes are independent, so freshness is judged by time, not by round numbers."
+        300.0, gt=0, description="Use peers' rollouts published at most this long ago (DHT clock), seconds; older "
+        "pooled groups are dropped unused (counted as `max_staleness_s` in pool_dropped). Round counters of "
+        "different nodes are independent, so freshness is judged by time, not by round numbers."
     )
     max_clock_skew_s: float = Field(
         30.0, ge=0, description="Reject manifests stamped further than this in the future (DHT clock), seconds."

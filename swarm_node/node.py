@@ -8,8 +8,9 @@ thread so peers are served while the node computes.
 One round (SAPO, arXiv 2509.08721, section 3; see shared/SAPO.md):
 1. draw I task specs from the node's own stream; 2. generate L completions per question in one batched call
 and score them with the strict verifier; 3. publish the groups (manifest in the DHT, payload over streams);
-4. collect peers' latest groups (fresh within `max_staleness_s` on the DHT clock), re-create every question from
-its spec and re-score every completion locally, drop zero-advantage groups, sample J; 5. one GRPO step on
+4. take J groups from the pool that background collection fills all the time (peers' latest groups, fresh within
+`max_staleness_s` on the DHT clock and `max_policy_lag` of their generator's versions, every question re-created
+from its spec and every completion re-scored locally, off the event loop); a round never waits for a peer; 5. one GRPO step on
 local + external groups; 6. if merging is on (`merge_mode`, swarm_node/network/merging/), merge with peers of the
 same model when the schedule says so; 7. append a line to metrics.jsonl.
 
@@ -128,6 +129,7 @@ class Node:
         self._start_telemetry()
         # announce readiness: peers wait for the next round of every peer that has announced itself
         await self.exchange.publish(self._payload(self.round, []))
+        self.collector.start()  # background collection: poll, fetch and verify into the pool, all run long
         self._write_node_info()
 
     async def _peers_from_file(self, path: Path, timeout_s: float) -> list[str]:
@@ -291,6 +293,8 @@ class Node:
             self._lag_task.cancel()
         self.telemetry.close()
         logging.getLogger("swarm_node").removeHandler(self.telemetry.problem)
+        if self.collector is not None:
+            await self.collector.stop()
         if self.exchange is not None:
             try:
                 await asyncio.wait_for(self.exchange.stop(), 5)
@@ -486,11 +490,9 @@ class Node:
         publish_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        collected = await self.collector.collect(r, lambda: self.stopping)
+        collected = self.collector.take()  # what background collection has verified so far: never waits
         external = collected.groups
         collect_s = time.perf_counter() - t0
-        if self.stopping:
-            return None
 
         t0 = time.perf_counter()
         with progress.task(f"round {r}: GRPO step on {len(local) + len(external)} groups"):
@@ -521,6 +523,7 @@ class Node:
             "peers_seen": collected.peers_seen,
             "published": published,
             "rejected": dict(self.collector.trust.rejects),
+            "pool_dropped": dict(self.collector.pool.dropped),
             "banned_peers": len(self.collector.trust.banned_peers),
             "verify_ms_per_group": round(1000 * self.collector.verify_s / max(1, self.collector.verified_groups), 3),
             "loss": stats.loss,
