@@ -39,7 +39,7 @@ from swarm_node.checkpoint import CheckpointStore
 from swarm_node.config import NodeConfig
 from swarm_node.errors import OperatorError
 from swarm_node.learning.sapo import Group, select_local
-from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate, score, stream_seed
+from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate, safe_repr, score, stream_seed
 from swarm_node.network import wire
 from swarm_node.network.collector import Collector, group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
@@ -49,6 +49,7 @@ from swarm_node.processes import kill_and_wait, reap_recorded, record_children, 
 from swarm_node.telemetry import Telemetry
 
 log = logging.getLogger("swarm_node")
+MAX_ROUND_FAILURES_IN_A_ROW = 5  # see Node.run: a round failing this often in a row stops the node
 
 
 class NetworkError(OperatorError):
@@ -90,6 +91,8 @@ class Node:
         self.metrics_url: str | None = None
         self._lag_task: asyncio.Task | None = None
         self.merger = None  # swarm_node.network.merging: WeightMerger, GradMerger or None
+        self.rounds_failed = 0  # rounds that raised unexpectedly and were retried (metrics `rounds_failed`)
+        self._failed_in_a_row = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -327,9 +330,23 @@ class Node:
         self.telemetry.mark("running")
         await self._maybe_evaluate()  # round 0: the base policy
         while not self.stopping and (cfg.rounds == 0 or self.round < cfg.rounds):
-            metrics = await self.run_round(self.round + 1)
+            try:
+                metrics = await self.run_round(self.round + 1)
+            except (OperatorError, MemoryError):
+                raise  # the operator's to fix (e.g. out of memory): one `error:` line from the CLI
+            except Exception as e:  # a round that fails for an unexpected reason is logged, counted and survived
+                self.rounds_failed += 1
+                self._failed_in_a_row += 1
+                log.error("round %d failed (%s; %d failed so far); retrying it", self.round + 1, safe_repr(e),
+                          self.rounds_failed, exc_info=True)
+                if self._failed_in_a_row >= MAX_ROUND_FAILURES_IN_A_ROW:
+                    raise  # the same failure every time is a local bug, not a peer's doing: stop loudly
+                await asyncio.sleep(1.0)
+                continue
+            self._failed_in_a_row = 0
             if metrics is None:
                 break  # stopped mid-round: the round did not happen, the counter stays
+            metrics["rounds_failed"] = self.rounds_failed
             self.round += 1
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")

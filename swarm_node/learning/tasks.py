@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import json
 import random
+import reprlib
 from functools import lru_cache
 from typing import Any
 
@@ -117,7 +118,21 @@ def dataset_for(spec: TaskSpec):
     try:
         return _dataset(spec.dataset, json.dumps(spec.config, sort_keys=True), spec.seed, spec.size)
     except Exception as e:  # reasoning-gym raises TypeError/ValueError/AssertionError on bad configs
-        raise TaskError(f"cannot build dataset {spec.dataset!r} with config {spec.config!r}: {e}") from None
+        raise TaskError(f"cannot build dataset {spec.dataset!r} with config {safe_repr(spec.config)}: "
+                        f"{safe_repr(e)}") from None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 80, 80
+
+
+def safe_repr(value: Any) -> str:
+    """A short repr of a peer-supplied value for error messages: bounded depth and length, so it never recurses
+    deeply (a config nested 1,000 levels made plain `repr` raise RecursionError) and never raises."""
+    try:
+        return _REPR.repr(value)[:200]
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def recreate(spec: TaskSpec) -> Question:
@@ -126,7 +141,7 @@ def recreate(spec: TaskSpec) -> Question:
     try:
         return Question(spec, dataset[spec.index])
     except Exception as e:
-        raise TaskError(f"cannot generate {spec.dataset}[{spec.index}]: {e}") from None
+        raise TaskError(f"cannot generate {spec.dataset}[{spec.index}]: {safe_repr(e)}") from None
 
 
 def score(question: Question, completion: str) -> float:

@@ -27,7 +27,7 @@ from hivemind.utils import get_dht_time
 
 from swarm_node.config import NetworkConfig, TrainConfig
 from swarm_node.learning.sapo import Group
-from swarm_node.learning.tasks import RG_VERSION, TaskError, TaskSpec, recreate, score
+from swarm_node.learning.tasks import RG_VERSION, TaskError, TaskSpec, recreate, safe_repr, score
 from swarm_node.network import wire
 from swarm_node.network.exchange import FetchError, RolloutExchange
 from swarm_node.network.pool import GroupPool
@@ -91,10 +91,11 @@ def rescore(groups: list[tuple[TaskSpec, list[str]]]) -> list[tuple[str, object]
     for spec, completions in groups:
         try:
             question = recreate(spec)
+            out.append(("ok", [score(question, c) for c in completions]))
         except TaskError as e:
             out.append(("bad_task_spec", str(e)[:300]))
-            continue
-        out.append(("ok", [score(question, c) for c in completions]))
+        except Exception as e:  # whatever a peer's spec makes reasoning-gym do, it stays this group's problem
+            out.append(("internal_error", safe_repr(e)))
     return out
 
 
@@ -159,8 +160,8 @@ class Collector:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # never let one cycle's surprise end collection
-                self.trust.reject("internal_error", None, repr(e)[:200])
-                log.warning("collection cycle failed (%r); continuing", e, exc_info=log.isEnabledFor(logging.DEBUG))
+                self.trust.reject("collect_cycle_error", None, safe_repr(e))
+                log.warning("collection cycle failed (%s); continuing", safe_repr(e))
             self.cycles += 1
             await asyncio.sleep(max(0.0, self.net.collect_interval_s - (time.monotonic() - t0)))
 
@@ -256,12 +257,27 @@ class Collector:
             self._failures[manifest.peer_id] += 1
             self.trust.reject(e.reason, manifest.peer_id, str(e))
             log.debug("dropped payload of %s round %d: %s", manifest.peer_id, manifest.round, e)
-            return None
+        except Exception as e:  # no exception from one peer's data leaves that peer's handling
+            self._internal_error(manifest.peer_id, e)
+        return None
+
+    def _internal_error(self, peer_id: str, e: BaseException) -> None:
+        """An unexpected exception while handling one peer's data: counted as `internal_error` (a strike: fresh keys
+        make any crash trigger free to repeat), logged once at warning, and contained."""
+        self._failures[peer_id] += 1
+        self.trust.reject("internal_error", peer_id, safe_repr(e))
+        log.warning("unexpected error handling data of peer %s (dropped, counted as internal_error): %s", peer_id,
+                    safe_repr(e))
 
     async def _verify_and_pool(self, manifest: wire.Manifest, payload: wire.RolloutPayload) -> None:
         t0 = time.perf_counter()
-        groups = await self.verify_payload_async(payload)
-        self.verify_s += time.perf_counter() - t0
+        try:
+            groups = await self.verify_payload_async(payload)
+        except Exception as e:  # no exception from one peer's data leaves that peer's handling
+            self._internal_error(payload.peer_id, e)
+            return
+        finally:
+            self.verify_s += time.perf_counter() - t0
         if groups:
             self._good_peers.add(payload.peer_id)
             self.pool.add(payload.peer_id, payload.round, manifest.created_at_s, payload.policy_version, groups)

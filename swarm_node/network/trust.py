@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 VIOLATIONS = frozenset({
     "malformed", "schema", "version", "too_large", "hash_mismatch", "size_mismatch", "manifest_mismatch",
     "bad_task_spec", "reward_mismatch", "owner_mismatch", "over_limit",
+    # an unexpected exception while handling the peer's data: contained, and struck, since fresh keys make a
+    # crash trigger free to repeat
+    "internal_error",
 })
 
 
