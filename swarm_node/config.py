@@ -215,6 +215,18 @@ class NetworkConfig(_Section):
     max_groups_per_payload: int = Field(32, ge=1, le=64, description="Groups accepted in one peer payload.")
     max_completions_per_group: int = Field(32, ge=2, le=64, description="Completions accepted per peer group.")
     max_completion_chars: int = Field(4096, ge=1, le=8192, description="Characters accepted per peer completion.")
+    max_prompt_tokens: int = Field(
+        1024, ge=16, description="Largest prompt (the re-created question with its few-shot examples, local tokenizer) "
+        "of a peer's group; longer ones are dropped as `prompt_too_long` before tokenising for training."
+    )
+    verify_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline for re-creating and scoring one peer payload in the verification worker "
+        "process, seconds; over it the worker is killed and restarted and the payload dropped as `verify_timeout`."
+    )
+    verify_memory_mb: int = Field(
+        1024, ge=512, description="Address-space limit (RLIMIT_AS) of the verification worker process, MiB; a group "
+        "whose re-creation needs more is dropped as `verify_memory`."
+    )
     ban_strikes: int = Field(3, ge=1, description="Protocol violations after which a peer is ignored.")
     ban_cooldown_s: float = Field(600.0, ge=0, description="How long a peer is ignored after a ban, seconds.")
     startup_retries: int = Field(2, ge=0, description="Extra attempts to start the p2p daemon and DHT after a failure.")

@@ -123,7 +123,7 @@ def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap
                 good(p, r, rewards=[1.0, 1.0, 1.0, 0.0])))
             bad_spec = wire.WireTaskSpec.model_construct(dataset="no_such_dataset", config={}, seed=0, index=1,
                                                          size=10, rg_version=RG_VERSION)
-            await payload_attack("bad_dataset", "bad_task_spec", lambda p, r: wire.encode(good(p, r, spec=bad_spec)))
+            await payload_attack("bad_dataset", "spec_not_allowed", lambda p, r: wire.encode(good(p, r, spec=bad_spec)))
             bad_index = bad_spec.model_copy(update={"dataset": "chain_sum", "index": 10})
             await payload_attack("bad_index", "bad_task_spec", lambda p, r: wire.encode(good(p, r, spec=bad_index)))
             await payload_attack("hash", "hash_mismatch", lambda p, r: wire.encode(good(p, r)),

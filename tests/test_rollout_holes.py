@@ -109,3 +109,26 @@ def test_hole1_deeply_nested_config_is_dropped_and_struck(tmp_path, reap_childre
     struck = set(node.collector.trust.rejects_by_peer[attacker_id]) & VIOLATIONS
     assert struck, dict(node.collector.trust.rejects_by_peer[attacker_id])
     assert attacker_id in node.collector.trust.banned_peers  # ban_strikes = 2, one payload per second
+
+
+@pytest.mark.parametrize("dataset, config", [
+    ("chain_sum", {"min_terms": 6000, "max_terms": 6000, "min_digits": 4, "max_digits": 4}),  # 97 s train step
+    ("count_primes", {"min_n": 1, "max_n": 50_000_000}),  # +1.5 GB, 13 s of blocked event loop
+])
+def test_hole2_costly_specs_are_dropped_before_any_work(tmp_path, reap_children, dataset, config):
+    """Valid but costly specs (issue 15's measurements in the comments) are refused by the allow-list before
+    re-creation, count as `spec_not_allowed` strikes, and get the attacker banned; honest groups still flow."""
+
+    async def attack(p: ScriptedPeer, r: int) -> None:
+        payload = honest_payload(p.peer_id, r, TASKSET, range(700 + 4 * r, 704 + 4 * r))
+        spec = payload.groups[0].spec.model_construct(dataset=dataset, config=config, seed=r, index=1, size=100,
+                                                      rg_version=payload.groups[0].spec.rg_version)
+        costly = [g.model_copy(update={"spec": spec, "rewards": [0.0] * len(g.completions)}) for g in payload.groups]
+        await p.publish(r, wire.encode(payload.model_copy(update={"groups": costly})), SHARDS)
+
+    node, honest_id, attacker_id, rows = run_node_against(tmp_path, attack)
+    assert_survived_and_trained_on_honest(node, honest_id, attacker_id, rows, 4)
+    rejects = node.collector.trust.rejects_by_peer[attacker_id]
+    assert rejects["spec_not_allowed"] >= 2, dict(rejects)
+    assert node.collector.verified_groups == node.collector.accepted_by_peer[honest_id]  # no costly spec re-created
+    assert attacker_id in node.collector.trust.banned_peers

@@ -117,6 +117,8 @@ def dataset_for(spec: TaskSpec):
         raise TaskError(f"index {spec.index} outside [0, {spec.size})")
     try:
         return _dataset(spec.dataset, json.dumps(spec.config, sort_keys=True), spec.seed, spec.size)
+    except MemoryError:
+        raise  # a resource limit, not a bad config: the caller's budget decides (network/verify.py)
     except Exception as e:  # reasoning-gym raises TypeError/ValueError/AssertionError on bad configs
         raise TaskError(f"cannot build dataset {spec.dataset!r} with config {safe_repr(spec.config)}: "
                         f"{safe_repr(e)}") from None
@@ -140,6 +142,8 @@ def recreate(spec: TaskSpec) -> Question:
     dataset = dataset_for(spec)
     try:
         return Question(spec, dataset[spec.index])
+    except MemoryError:
+        raise
     except Exception as e:
         raise TaskError(f"cannot generate {spec.dataset}[{spec.index}]: {safe_repr(e)}") from None
 
@@ -205,16 +209,22 @@ class TaskSet:
 
     def messages(self, question: Question) -> list[dict[str, str]]:
         """Chat messages for a question: system prompt, few-shot turns derived from the spec, the question."""
-        spec = question.spec
-        messages = [{"role": "system", "content": self.system_prompt}]
-        if self.num_fewshot:
-            shots = dataset_for(dataclasses.replace(spec, seed=spec.seed + FEWSHOT_SEED_OFFSET))
-            for k in range(self.num_fewshot):
-                example = shots[(spec.index * self.num_fewshot + k) % spec.size]
-                messages.append({"role": "user", "content": example["question"]})
-                messages.append({"role": "assistant", "content": f"<answer>{example['answer']}</answer>"})
-        messages.append({"role": "user", "content": question.text})
-        return messages
+        return prompt_messages(question, self.system_prompt, self.num_fewshot)
+
+
+def prompt_messages(question: Question, system_prompt: str, num_fewshot: int) -> list[dict[str, str]]:
+    """Chat messages for a question: the system prompt, `num_fewshot` example turns derived from the spec (a
+    differently seeded copy of its dataset), then the question. Raises TaskError."""
+    spec = question.spec
+    messages = [{"role": "system", "content": system_prompt}]
+    if num_fewshot:
+        shots = dataset_for(dataclasses.replace(spec, seed=spec.seed + FEWSHOT_SEED_OFFSET))
+        for k in range(num_fewshot):
+            example = shots[(spec.index * num_fewshot + k) % spec.size]
+            messages.append({"role": "user", "content": example["question"]})
+            messages.append({"role": "assistant", "content": f"<answer>{example['answer']}</answer>"})
+    messages.append({"role": "user", "content": question.text})
+    return messages
 
 
 def _parse_custom(entries: list[str]) -> dict[str, dict[str, Any]]:

@@ -27,14 +27,17 @@ from hivemind.utils import get_dht_time
 
 from swarm_node.config import NetworkConfig, TrainConfig
 from swarm_node.learning.sapo import Group
-from swarm_node.learning.tasks import RG_VERSION, TaskError, TaskSpec, recreate, safe_repr, score
+from swarm_node.learning.tasks import RG_VERSION, SMOL_SYSTEM_PROMPT, TaskSet, TaskSpec, safe_repr
 from swarm_node.network import wire
 from swarm_node.network.exchange import FetchError, RolloutExchange
 from swarm_node.network.pool import GroupPool
 from swarm_node.network.trust import PeerTrust
+from swarm_node.network.verify import PROMPT_BYTES_PER_TOKEN, SpecPolicy, VerifyBudgetError, VerifyWorker, rescore
 
 log = logging.getLogger(__name__)
 REWARD_TOLERANCE = 1e-6
+SLOW_REASONS = frozenset({"fetch_timeout", "unreachable", "stream_error"})  # churn: back-off, never a strike
+MAX_BACKOFF_S = 120.0  # longest a repeatedly slow peer waits before its next fetch
 
 
 @dataclasses.dataclass
@@ -81,24 +84,6 @@ class ExpiringSet:
         self._added = {k: t for k, t in self._added.items() if t >= horizon}
 
 
-def rescore(groups: list[tuple[TaskSpec, list[str]]]) -> list[tuple[str, object]]:
-    """Re-create each spec's question and score its completions with the local verifier.
-
-    Pure function of its arguments (no node state), so it can run on a worker thread or process. Returns, per
-    group, ("ok", rewards) or (reason, detail) with reason `bad_task_spec`.
-    """
-    out: list[tuple[str, object]] = []
-    for spec, completions in groups:
-        try:
-            question = recreate(spec)
-            out.append(("ok", [score(question, c) for c in completions]))
-        except TaskError as e:
-            out.append(("bad_task_spec", str(e)[:300]))
-        except Exception as e:  # whatever a peer's spec makes reasoning-gym do, it stays this group's problem
-            out.append(("internal_error", safe_repr(e)))
-    return out
-
-
 class Collector:
     """Owns the external-group pool of one node and the background task that fills it.
 
@@ -108,10 +93,13 @@ class Collector:
         train: train config (J, zero-advantage filter).
         rng: random source for sampling J groups.
         invalid_signatures: callable returning the DHT validator's running count of bad signatures.
+        taskset: the node's own task set (allowed specs, prompt style); None: only `SAFE_CONFIG_RANGES`, smol style.
+        count_tokens: the local tokenizer's token count of a text; None counts UTF-8 bytes (an upper bound).
     """
 
     def __init__(self, exchange: RolloutExchange, network: NetworkConfig, train: TrainConfig, rng: random.Random,
-                 invalid_signatures: Callable[[], int] = lambda: 0):
+                 invalid_signatures: Callable[[], int] = lambda: 0, taskset: TaskSet | None = None,
+                 count_tokens: Callable[[str], int] | None = None):
         self.exchange, self.net, self.train, self.rng = exchange, network, train, rng
         self.trust = PeerTrust(network.ban_strikes, network.ban_cooldown_s)
         self.pool = GroupPool(network.max_staleness_s, network.max_policy_lag)
@@ -132,25 +120,35 @@ class Collector:
         self.cycles = 0  # background collection cycles completed
         self.accepted_by_peer: Counter[str] = Counter()  # groups that passed verification, per peer ID
         self._task: asyncio.Task | None = None
-        # re-creation and scoring run here, off the event loop (peers fetch from us meanwhile)
+        self._inflight: dict[str, asyncio.Task] = {}  # peer -> its one fetch-and-verify task
+        self._timeouts: Counter[str] = Counter()  # consecutive slow fetches per peer (back-off exponent)
+        self._backoff_until: dict[str, float] = {}  # peer -> monotonic time before which it is not fetched
+        # the cost bounds of a peer's task spec (network/verify.py)
+        self.spec_policy = SpecPolicy(taskset.tasks if taskset is not None else {})
+        self._prompt_style = (taskset.system_prompt, taskset.num_fewshot) if taskset is not None else (
+            SMOL_SYSTEM_PROMPT, 2)
+        self._count_tokens = count_tokens or (lambda text: len(text.encode()))
+        self.worker = VerifyWorker(network.verify_memory_mb, network.verify_timeout_s)
+        # re-creation and scoring run in the worker process; this thread waits for it, off the event loop
         self._verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start the background collection task ("rollout-collector") in the running event loop."""
         if self._task is None:
+            self._verifier.submit(self.worker._ensure)  # import reasoning-gym in the worker before the first payload
             self._task = asyncio.create_task(self._run(), name="rollout-collector")
 
     async def stop(self) -> None:
         """Cancel the background task and wait for it; shut the verification worker down."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+        tasks = [t for t in [self._task, *self._inflight.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        self._inflight.clear()
         self._verifier.shutdown(wait=False, cancel_futures=True)
+        self.worker.close()
 
     async def _run(self) -> None:
         while True:
@@ -193,16 +191,30 @@ class Collector:
         for m in new:
             if m.num_groups == 0:  # a peer announcing itself ("hello"): nothing to fetch
                 self._seen_manifests.add((m.peer_id, m.round, m.payload_sha256))
-        new = [m for m in new if m.num_groups > 0]
+        # a peer with a fetch in flight or in back-off waits: its manifest stays unseen for a later cycle
+        now = time.monotonic()
+        new = [m for m in new if m.num_groups > 0 and m.peer_id not in self._inflight
+               and self._backoff_until.get(m.peer_id, 0.0) <= now]
         admitted = self._admit(new, self.net.max_manifests_per_round - self._admitted_this_round)
         self._admitted_this_round += len(admitted)
-        if not admitted:
-            return
-        payloads = await asyncio.gather(*(self._fetch(m) for m in admitted))
-        # verify in announcement order, so a copy published later never displaces the original
-        for manifest, payload in sorted(zip(admitted, payloads), key=lambda mp: mp[0].created_at_s):
+        # one task per payload: a slow or stalling peer delays only itself, never the cycle or other peers.
+        # Announcement order is kept within a cycle's batch start; a copy published later than its original is the
+        # one counted as `duplicate` unless the original's fetch is the slower one (a duplicate is never a strike).
+        for m in sorted(admitted, key=lambda m: m.created_at_s):
+            self._inflight[m.peer_id] = asyncio.create_task(self._handle(m), name=f"fetch-{m.peer_id[-8:]}")
+
+    async def _handle(self, manifest: wire.Manifest) -> None:
+        """Fetch, verify and pool one peer payload; nothing raised here leaves this peer's handling."""
+        try:
+            payload = await self._fetch(manifest)
             if payload is not None:
                 await self._verify_and_pool(manifest, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._internal_error(manifest.peer_id, e)
+        finally:
+            self._inflight.pop(manifest.peer_id, None)
 
     def _is_fresh(self, m: wire.Manifest) -> bool:
         """Freshness on the DHT clock (all peers share it within seconds): neither stale nor from the future."""
@@ -256,6 +268,10 @@ class Collector:
         except FetchError as e:
             self._failures[manifest.peer_id] += 1
             self.trust.reject(e.reason, manifest.peer_id, str(e))
+            if e.reason in SLOW_REASONS:  # slowness is no violation, but it costs the peer, not the node
+                self._timeouts[manifest.peer_id] += 1
+                delay_s = min(MAX_BACKOFF_S, self.net.collect_interval_s * 2 ** self._timeouts[manifest.peer_id])
+                self._backoff_until[manifest.peer_id] = time.monotonic() + delay_s
             log.debug("dropped payload of %s round %d: %s", manifest.peer_id, manifest.round, e)
         except Exception as e:  # no exception from one peer's data leaves that peer's handling
             self._internal_error(manifest.peer_id, e)
@@ -280,11 +296,22 @@ class Collector:
             self.verify_s += time.perf_counter() - t0
         if groups:
             self._good_peers.add(payload.peer_id)
+            self._timeouts.pop(payload.peer_id, None)
+            self._backoff_until.pop(payload.peer_id, None)
             self.pool.add(payload.peer_id, payload.round, manifest.created_at_s, payload.policy_version, groups)
         else:
             self._failures[payload.peer_id] += 1
 
     # ------------------------------------------------------------------ verification
+    def _prompt_fits(self, prompt: str | None) -> bool:
+        """The re-created prompt's message texts within `max_prompt_tokens`: a prompt of at most that many UTF-8
+        bytes fits without tokenising (a token covers at least one byte); the worker already dropped prompts over
+        PROMPT_BYTES_PER_TOKEN bytes per token (None); the rest is tokenised with the local tokenizer."""
+        if prompt is None:
+            return False
+        limit = self.net.max_prompt_tokens
+        return len(prompt.encode()) <= limit or self._count_tokens(prompt) <= limit
+
     def _check_limits(self, payload: wire.RolloutPayload) -> bool:
         peer = payload.peer_id
         if len(payload.groups) > self.net.max_groups_per_payload:
@@ -304,7 +331,11 @@ class Collector:
             spec = TaskSpec(wg.spec.dataset, dict(wg.spec.config), wg.spec.seed, wg.spec.index, wg.spec.size,
                             wg.spec.rg_version)
             if spec.rg_version != RG_VERSION:  # an honest peer on another release: useless here, not hostile
-                self.trust.reject("rg_version_mismatch", payload.peer_id, spec.rg_version)
+                self.trust.reject("rg_version_mismatch", payload.peer_id, safe_repr(spec.rg_version))
+                continue
+            refused = self.spec_policy.check(spec)  # cost bound before any work (network/verify.py)
+            if refused is not None:
+                self.trust.reject("spec_not_allowed", payload.peer_id, refused)
                 continue
             out.append((i, spec))
         return out
@@ -315,26 +346,41 @@ class Collector:
         if not self._check_limits(payload):
             return None
         specs = self._specs(payload)
-        results = rescore([(spec, list(payload.groups[i].completions)) for i, spec in specs])
+        results = rescore([(spec, list(payload.groups[i].completions)) for i, spec in specs], *self._prompt_style,
+                          self._max_prompt_bytes)
         return self._apply(payload, specs, results)
+
+    @property
+    def _max_prompt_bytes(self) -> int:
+        return PROMPT_BYTES_PER_TOKEN * self.net.max_prompt_tokens
 
     async def verify_payload_async(self, payload: wire.RolloutPayload) -> list[Group] | None:
         """As `verify_payload`, with re-creation and scoring off the event loop."""
         if not self._check_limits(payload):
             return None
         specs = self._specs(payload)
+        if not specs:
+            return self._apply(payload, [], [])
         work = [(spec, list(payload.groups[i].completions)) for i, spec in specs]
-        results = await asyncio.get_running_loop().run_in_executor(self._verifier, rescore, work)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._verifier, self.worker.run, work, *self._prompt_style, self._max_prompt_bytes)
+        except VerifyBudgetError as e:
+            self.trust.reject(e.reason, payload.peer_id, e.detail)
+            return None
         return self._apply(payload, specs, results)
 
     def _apply(self, payload: wire.RolloutPayload, specs: list[tuple[int, TaskSpec]],
-               results: list[tuple[str, object]]) -> list[Group] | None:
+               results: list[tuple[str, object, object]]) -> list[Group] | None:
         peer = payload.peer_id
         groups = []
-        for (i, spec), (status, value) in zip(specs, results):
+        for (i, spec), (status, value, prompt) in zip(specs, results):
             wg = payload.groups[i]
             if status != "ok":
                 self.trust.reject(status, peer, str(value))
+                continue
+            if not self._prompt_fits(prompt):
+                self.trust.reject("prompt_too_long", peer, f"{spec.dataset}: over {self.net.max_prompt_tokens} tokens")
                 continue
             rewards = list(value)
             self.verified_groups += 1

@@ -22,6 +22,8 @@ VIOLATIONS = frozenset({
     # an unexpected exception while handling the peer's data: contained, and struck, since fresh keys make a
     # crash trigger free to repeat
     "internal_error",
+    # a task spec over the cost limits (network/verify.py): repeatable for free with fresh keys
+    "spec_not_allowed", "prompt_too_long", "verify_timeout", "verify_memory",
 })
 
 
