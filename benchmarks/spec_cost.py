@@ -3,7 +3,7 @@
     python benchmarks/spec_cost.py [--model tiny] [--groups 32] [--completions 8] [--train-groups 8]
 
 For every dataset of the allow-list (`SAFE_CONFIG_RANGES`, network/verify.py) the script builds the *largest
-allowed* config (every numeric key at the top of its range, so min_* = max_*), then a payload of `--groups`
+allowed* config (every min_* key at the bottom of its range, every other numeric key at the top), then a payload of `--groups`
 groups of that spec with `--completions` completions each (the receiver's limits allow 32 x 32; more groups
 cost verification linearly, more completions only cost scoring), and measures:
 
@@ -37,8 +37,8 @@ from swarm_node.network.verify import PROMPT_BYTES_PER_TOKEN, SAFE_CONFIG_RANGES
 def largest_config(dataset: str) -> dict:
     config = {}
     for key, bound in SAFE_CONFIG_RANGES[dataset].items():
-        if isinstance(bound, tuple):
-            config[key] = bound[1]
+        if isinstance(bound, tuple):  # the widest range: min_* at the bottom, every other key at the top
+            config[key] = bound[0] if key.startswith("min_") else bound[1]
     return config
 
 

@@ -220,7 +220,7 @@ class NetworkConfig(_Section):
         "of a peer's group; longer ones are dropped as `prompt_too_long` before tokenising for training."
     )
     verify_timeout_s: float = Field(
-        10.0, gt=0, description="Deadline for re-creating and scoring one peer payload in the verification worker "
+        5.0, gt=0, description="Deadline for re-creating and scoring one peer payload in the verification worker "
         "process, seconds; over it the worker is killed and restarted and the payload dropped as `verify_timeout`."
     )
     verify_memory_mb: int = Field(

@@ -504,6 +504,7 @@ class Node:
             return None
 
         t0 = time.perf_counter()
+        self.collector.note_own(generated)  # copies of these coming back from other peers are refused
         published = await self.exchange.publish(self._payload(r, generated))
         publish_s = time.perf_counter() - t0
 

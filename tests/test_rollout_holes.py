@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 SHARDS = 2
 PERIOD_S = 1.0
 TASKSET = TaskSet("smol", [], -1, 0, 100_000)
+RUNNING: dict[str, Node] = {}  # the node under attack, for attacks that copy its data
 
 
 def node_config(tmp_path, rounds, **overrides):
@@ -51,48 +52,53 @@ def with_config(payload: wire.RolloutPayload, config_bytes: bytes) -> bytes:
 StepFn = Callable[[ScriptedPeer, int], Awaitable[None]]
 
 
-def run_node_against(tmp_path, attack: StepFn, rounds: int = 4, **overrides):
-    """Run one Node for `rounds` rounds while an honest scripted peer and an attacker publish every PERIOD_S.
+def run_node_against(tmp_path, attacks: dict[str, StepFn], rounds: int = 4, serve: dict | None = None, **overrides):
+    """Run one Node for `rounds` rounds while an honest scripted peer and the attackers (one scripted peer per
+    entry of `attacks`, with an optional stream behaviour from `serve`) publish every PERIOD_S.
 
-    Returns (node, honest peer ID, attacker peer ID, metrics rows).
+    Returns (node, honest peer ID, {attack name: attacker peer ID}, metrics rows).
     """
 
     async def main():
-        node = Node(node_config(tmp_path, rounds, **overrides))
+        node = RUNNING["node"] = Node(node_config(tmp_path, rounds, **overrides))
         await node.start()
         honest = await ScriptedPeer.create(tmp_path / "honest.key", node.maddrs)
-        attacker = await ScriptedPeer.create(tmp_path / "attacker.key", node.maddrs)
+        attackers = {name: await ScriptedPeer.create(tmp_path / f"{name}.key", node.maddrs) for name in attacks}
+        for name, fn in (serve or {}).items():
+            attackers[name].serve = fn
 
         async def drive():
             r = 0
             while True:
                 r += 1
                 data = wire.encode(honest_payload(honest.peer_id, r, TASKSET, range(10 * r, 10 * r + 2)))
-                await asyncio.gather(honest.publish(r, data, SHARDS), attack(attacker, r))
+                await asyncio.gather(honest.publish(r, data, SHARDS),
+                                     *(step(attackers[name], r) for name, step in attacks.items()))
                 await asyncio.sleep(PERIOD_S)
 
         driver = asyncio.create_task(drive())
         try:
             await asyncio.sleep(2 * PERIOD_S)
             await node.run()
-            return node, honest.peer_id, attacker.peer_id
+            return node, honest.peer_id, {name: p.peer_id for name, p in attackers.items()}
         finally:
             driver.cancel()
-            await honest.shutdown()
-            await attacker.shutdown()
+            for p in [honest, *attackers.values()]:
+                await p.shutdown()
             await node.stop()
 
-    node, honest_id, attacker_id = asyncio.run(main())
+    node, honest_id, attacker_ids = asyncio.run(main())
     rows = [json.loads(line) for line in (node.out_dir / "metrics.jsonl").read_text().splitlines()]
-    return node, honest_id, attacker_id, rows
+    return node, honest_id, attacker_ids, rows
 
 
-def assert_survived_and_trained_on_honest(node, honest_id, attacker_id, rows, rounds):
+def assert_survived_and_trained_on_honest(node, honest_id, attacker_ids, rows, rounds):
     trust = node.collector.trust
     assert [r["round"] for r in rows] == list(range(1, rounds + 1)), rows
     assert node.collector.accepted_by_peer[honest_id] >= 2, dict(trust.rejects)
     assert sum(r["external_groups_used"] for r in rows) > 0
-    assert node.collector.accepted_by_peer[attacker_id] == 0
+    for attacker_id in [attacker_ids] if isinstance(attacker_ids, str) else attacker_ids:
+        assert node.collector.accepted_by_peer[attacker_id] == 0
     assert not set(trust.rejects_by_peer.get(honest_id, {})) & VIOLATIONS
 
 
@@ -104,7 +110,8 @@ def test_hole1_deeply_nested_config_is_dropped_and_struck(tmp_path, reap_childre
         payload = honest_payload(p.peer_id, r, TASKSET, range(500 + r, 501 + r))
         await p.publish(r, with_config(payload, b"\x91" * 1000 + b"\xc0"), SHARDS)
 
-    node, honest_id, attacker_id, rows = run_node_against(tmp_path, attack)
+    node, honest_id, attackers, rows = run_node_against(tmp_path, {"attacker": attack})
+    attacker_id = attackers["attacker"]
     assert_survived_and_trained_on_honest(node, honest_id, attacker_id, rows, 4)
     struck = set(node.collector.trust.rejects_by_peer[attacker_id]) & VIOLATIONS
     assert struck, dict(node.collector.trust.rejects_by_peer[attacker_id])
@@ -126,9 +133,60 @@ def test_hole2_costly_specs_are_dropped_before_any_work(tmp_path, reap_children,
         costly = [g.model_copy(update={"spec": spec, "rewards": [0.0] * len(g.completions)}) for g in payload.groups]
         await p.publish(r, wire.encode(payload.model_copy(update={"groups": costly})), SHARDS)
 
-    node, honest_id, attacker_id, rows = run_node_against(tmp_path, attack)
+    node, honest_id, attackers, rows = run_node_against(tmp_path, {"attacker": attack})
+    attacker_id = attackers["attacker"]
     assert_survived_and_trained_on_honest(node, honest_id, attacker_id, rows, 4)
     rejects = node.collector.trust.rejects_by_peer[attacker_id]
     assert rejects["spec_not_allowed"] >= 2, dict(rejects)
     assert node.collector.verified_groups == node.collector.accepted_by_peer[honest_id]  # no costly spec re-created
     assert attacker_id in node.collector.trust.banned_peers
+
+
+def test_hole3_silent_and_stalling_peers_cost_the_node_nothing(tmp_path, reap_children):
+    """A peer that publishes its hello and goes silent made every round wait the whole collect timeout; a peer that
+    stalls its payload stream cost 10-15 s per round, forever (issue 15). Now no round waits for any peer, and a
+    peer whose fetches keep timing out is fetched less and less often (back-off), without a ban for slowness."""
+    hello = {}
+
+    async def silent(p: ScriptedPeer, r: int) -> None:
+        if r == 1:  # a readiness manifest, then nothing ever again
+            await p.publish(0, wire.encode(honest_payload(p.peer_id, 0, TASKSET, range(0))), SHARDS, num_groups=0)
+            hello["sent"] = True
+
+    async def stalled(p: ScriptedPeer, r: int) -> None:
+        await p.publish(r, b"z" * 1000, SHARDS)  # announced as 1,000 bytes; `stall` sends the header, then nothing
+
+    async def stall(reader, writer, round_):
+        writer.write((1000).to_bytes(8, "big"))
+        await writer.drain()
+        await asyncio.sleep(60)
+
+    rounds = 6
+    node, honest_id, attackers, rows = run_node_against(
+        tmp_path, {"silent": silent, "stalled": stalled}, rounds=rounds, serve={"stalled": stall},
+        collect_timeout_s=15, fetch_timeout_s=2)
+    assert hello["sent"]
+    assert_survived_and_trained_on_honest(node, honest_id, list(attackers.values()), rows, rounds)
+    assert all(r["collect_wait_s"] == 0 for r in rows), [r["collect_wait_s"] for r in rows]
+    trust, tries = node.collector.trust, node.collector._tries
+    staller = attackers["stalled"]
+    assert trust.rejects_by_peer[staller]["fetch_timeout"] >= 1
+    assert staller not in trust.banned_peers  # slowness is no violation
+    assert 2 * tries[staller] <= tries[honest_id], dict(tries)  # it costs itself: backed off
+
+
+def test_hole5_own_groups_republished_by_another_peer_are_refused(tmp_path, reap_children):
+    """A node accepted copies of its own groups, republished under another peer's ID, as external groups."""
+
+    async def copier(p: ScriptedPeer, r: int) -> None:
+        own = RUNNING["node"].exchange._payloads  # the victim's served payloads (round -> bytes)
+        rounds_with_groups = [k for k, data in own.items() if wire.decode_payload(data, 1 << 24).groups]
+        if rounds_with_groups:
+            payload = wire.decode_payload(own[rounds_with_groups[-1]], 1 << 24)
+            copy = payload.model_copy(update={"peer_id": p.peer_id, "round": r})
+            await p.publish(r, wire.encode(copy), SHARDS, policy_version=copy.policy_version, model=copy.model)
+
+    node, honest_id, attackers, rows = run_node_against(tmp_path, {"copier": copier}, rounds=5)
+    assert_survived_and_trained_on_honest(node, honest_id, attackers["copier"], rows, 5)
+    assert node.collector.trust.rejects_by_peer[attackers["copier"]]["own_group"] >= 1, dict(
+        node.collector.trust.rejects_by_peer[attackers["copier"]])

@@ -110,6 +110,7 @@ class Collector:
         self._flood_counted = ExpiringSet(ttl_s)
         self._seen_bad_records = ExpiringSet(ttl_s)
         self._seen_content = ExpiringSet(ttl_s)  # group content keys, for dedupe
+        self._own_content = ExpiringSet(ttl_s)  # content keys of this node's own published groups
         self._good_peers: set[str] = set()  # peers that delivered a valid payload before
         self._failures: Counter[str] = Counter()  # fetches or payloads of a peer that gave us nothing
         self._tries: Counter[str] = Counter()  # fetches attempted per peer
@@ -170,6 +171,11 @@ class Collector:
         chosen, available = self.pool.take(self.train.num_external_groups, self.rng, self.train.filter_zero_advantage)
         return Collected(chosen, available, len(self.pool.peers()))
 
+    def note_own(self, groups: list[Group]) -> None:
+        """Remember this node's own groups (before publishing them), so copies republished by others are refused."""
+        for g in groups:
+            self._own_content.add(g.content_key())
+
     def usable(self) -> list[Group]:
         """Verified, not yet used groups within the staleness bounds."""
         return self.pool.usable(self.train.filter_zero_advantage)
@@ -177,7 +183,8 @@ class Collector:
     # ------------------------------------------------------------------ one background cycle
     async def collect_once(self) -> None:
         """Poll the DHT once, fetch the admitted new manifests' payloads and verify them into the pool."""
-        for seen in (self._seen_manifests, self._flood_counted, self._seen_bad_records, self._seen_content):
+        for seen in (self._seen_manifests, self._flood_counted, self._seen_bad_records, self._seen_content,
+                     self._own_content):
             seen.prune()
         manifests, rejections = await self.exchange.poll()
         for rej in rejections:
@@ -390,6 +397,9 @@ class Collector:
             group = Group(spec, list(wg.completions), rewards, peer, payload.round, payload.policy_version,
                           payload.model)
             key = group.content_key()
+            if key in self._own_content:  # our own group, republished under another peer's ID
+                self.trust.reject("own_group", peer)
+                continue
             if key in self._seen_content:
                 self.trust.reject("duplicate", peer)
                 continue
