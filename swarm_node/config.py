@@ -227,6 +227,12 @@ class NetworkConfig(_Section):
         1024, ge=512, description="Address-space limit (RLIMIT_AS) of the verification worker process, MiB; a group "
         "whose re-creation needs more is dropped as `verify_memory`."
     )
+    max_tracked_peers: int = Field(
+        4096, ge=16, description="Most peers whose per-peer state (strikes, bans, failure and admission counts) "
+        "the node remembers; the least recently seen are forgotten first, and all of it after max(ban_cooldown_s, "
+        "2 x max_staleness_s). Manifest, record and content memories hold 16 times as many entries. Bounds memory "
+        "under a flood of fresh peer IDs."
+    )
     ban_strikes: int = Field(3, ge=1, description="Protocol violations after which a peer is ignored.")
     ban_cooldown_s: float = Field(600.0, ge=0, description="How long a peer is ignored after a ban, seconds.")
     startup_retries: int = Field(2, ge=0, description="Extra attempts to start the p2p daemon and DHT after a failure.")

@@ -359,7 +359,7 @@ class Node:
                 metrics["external_groups_used"], metrics["external_groups_available"], metrics["peers_seen"],
                 "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}", metrics["round_s"],
             )
-            self.telemetry.observe_round(metrics, sum(self.collector.accepted_by_peer.values()))
+            self.telemetry.observe_round(metrics, self.collector.accepted_total)
             self.telemetry.info.update(round=self.round, policy_version=metrics["policy_version"],
                                        banned_peers=metrics["banned_peers"])
             await self._maybe_evaluate()

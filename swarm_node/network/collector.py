@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import random
 import time
-from collections import Counter
 from typing import Callable
 
 from hivemind.utils import get_dht_time
@@ -30,6 +29,7 @@ from swarm_node.learning.sapo import Group
 from swarm_node.learning.tasks import RG_VERSION, SMOL_SYSTEM_PROMPT, TaskSet, TaskSpec, safe_repr
 from swarm_node.network import wire
 from swarm_node.network.exchange import FetchError, RolloutExchange
+from swarm_node.network.peermaps import BoundedSet, PeerCounter, PeerMap, content_digest
 from swarm_node.network.pool import GroupPool
 from swarm_node.network.trust import PeerTrust
 from swarm_node.network.verify import PROMPT_BYTES_PER_TOKEN, SpecPolicy, VerifyBudgetError, VerifyWorker, rescore
@@ -60,30 +60,6 @@ def group_to_wire(group: Group) -> wire.WireGroup:
     )
 
 
-class ExpiringSet:
-    """A set whose members are forgotten `ttl_s` after they were added, so long runs use bounded memory.
-
-    The collector's ttl is twice `max_staleness_s`: anything older is rejected as stale anyway.
-    """
-
-    def __init__(self, ttl_s: float):
-        self.ttl_s = ttl_s
-        self._added: dict = {}
-
-    def add(self, item) -> None:
-        self._added.setdefault(item, time.monotonic())
-
-    def __contains__(self, item) -> bool:
-        return item in self._added
-
-    def __len__(self) -> int:
-        return len(self._added)
-
-    def prune(self) -> None:
-        horizon = time.monotonic() - self.ttl_s
-        self._added = {k: t for k, t in self._added.items() if t >= horizon}
-
-
 class Collector:
     """Owns the external-group pool of one node and the background task that fills it.
 
@@ -101,29 +77,33 @@ class Collector:
                  invalid_signatures: Callable[[], int] = lambda: 0, taskset: TaskSet | None = None,
                  count_tokens: Callable[[str], int] | None = None):
         self.exchange, self.net, self.train, self.rng = exchange, network, train, rng
-        self.trust = PeerTrust(network.ban_strikes, network.ban_cooldown_s)
+        # every per-peer map is bounded (TTL + LRU, network/peermaps.py): fresh peer IDs are free
+        peers, peer_ttl_s = network.max_tracked_peers, max(network.ban_cooldown_s, 2 * network.max_staleness_s, 1.0)
+        records = 16 * peers
+        self.trust = PeerTrust(network.ban_strikes, network.ban_cooldown_s, max_peers=peers, ttl_s=peer_ttl_s)
         self.pool = GroupPool(network.max_staleness_s, network.max_policy_lag)
         self._invalid_signatures = invalid_signatures
         self._signatures_counted = 0
-        ttl_s = 2 * network.max_staleness_s
-        self._seen_manifests = ExpiringSet(ttl_s)  # (peer, round, sha256) fetched or skipped
-        self._flood_counted = ExpiringSet(ttl_s)
-        self._seen_bad_records = ExpiringSet(ttl_s)
-        self._seen_content = ExpiringSet(ttl_s)  # group content keys, for dedupe
-        self._own_content = ExpiringSet(ttl_s)  # content keys of this node's own published groups
-        self._good_peers: set[str] = set()  # peers that delivered a valid payload before
-        self._failures: Counter[str] = Counter()  # fetches or payloads of a peer that gave us nothing
-        self._tries: Counter[str] = Counter()  # fetches attempted per peer
+        ttl_s = 2 * network.max_staleness_s  # anything older is rejected as stale anyway
+        self._seen_manifests = BoundedSet(records, ttl_s)  # (peer, round, sha256) fetched or skipped
+        self._flood_counted = BoundedSet(records, ttl_s)
+        self._seen_bad_records = BoundedSet(records, ttl_s)
+        self._seen_content = BoundedSet(records, ttl_s)  # digests of group content, for dedupe
+        self._own_content = BoundedSet(records, ttl_s)  # digests of this node's own published groups
+        self._good_peers = PeerMap(peers, peer_ttl_s)  # peers that delivered a valid payload before
+        self._failures = PeerCounter(peers, peer_ttl_s)  # fetches or payloads of a peer that gave us nothing
+        self._tries = PeerCounter(peers, peer_ttl_s)  # fetches attempted per peer
         self._admitted_this_round = 0  # manifests admitted since the last take (max_manifests_per_round)
-        self.peers_announced: set[str] = set()  # every peer with a valid manifest seen so far
+        self.peers_announced = BoundedSet(peers, peer_ttl_s)  # peers with a valid manifest seen recently
         self.verify_s = 0.0
         self.verified_groups = 0
         self.cycles = 0  # background collection cycles completed
-        self.accepted_by_peer: Counter[str] = Counter()  # groups that passed verification, per peer ID
+        self.accepted_by_peer = PeerCounter(peers, peer_ttl_s)  # groups that passed verification, per peer ID
+        self.accepted_total = 0  # groups that passed verification, all peers
         self._task: asyncio.Task | None = None
         self._inflight: dict[str, asyncio.Task] = {}  # peer -> its one fetch-and-verify task
-        self._timeouts: Counter[str] = Counter()  # consecutive slow fetches per peer (back-off exponent)
-        self._backoff_until: dict[str, float] = {}  # peer -> monotonic time before which it is not fetched
+        self._timeouts = PeerCounter(peers, peer_ttl_s)  # consecutive slow fetches per peer (back-off exponent)
+        self._backoff_until = PeerMap(peers, MAX_BACKOFF_S)  # peer -> monotonic time before which it is not fetched
         # the cost bounds of a peer's task spec (network/verify.py)
         self.spec_policy = SpecPolicy(taskset.tasks if taskset is not None else {})
         self._prompt_style = (taskset.system_prompt, taskset.num_fewshot) if taskset is not None else (
@@ -174,7 +154,7 @@ class Collector:
     def note_own(self, groups: list[Group]) -> None:
         """Remember this node's own groups (before publishing them), so copies republished by others are refused."""
         for g in groups:
-            self._own_content.add(g.content_key())
+            self._own_content.add(content_digest(g.content_key()))
 
     def usable(self) -> list[Group]:
         """Verified, not yet used groups within the staleness bounds."""
@@ -190,7 +170,8 @@ class Collector:
         for rej in rejections:
             self._reject_record_once(rej.record_id, rej.reason, rej.peer_id, rej.detail)
         self._count_bad_signatures()
-        self.peers_announced.update(m.peer_id for m in manifests)
+        for m in manifests:
+            self.peers_announced.add(m.peer_id)
         manifests = [m for m in manifests if self._is_fresh(m)]
         for m in manifests:
             self.pool.note_version(m.peer_id, m.policy_version)
@@ -302,7 +283,7 @@ class Collector:
         finally:
             self.verify_s += time.perf_counter() - t0
         if groups:
-            self._good_peers.add(payload.peer_id)
+            self._good_peers[payload.peer_id] = True
             self._timeouts.pop(payload.peer_id, None)
             self._backoff_until.pop(payload.peer_id, None)
             self.pool.add(payload.peer_id, payload.round, manifest.created_at_s, payload.policy_version, groups)
@@ -396,7 +377,7 @@ class Collector:
                 return None
             group = Group(spec, list(wg.completions), rewards, peer, payload.round, payload.policy_version,
                           payload.model)
-            key = group.content_key()
+            key = content_digest(group.content_key())
             if key in self._own_content:  # our own group, republished under another peer's ID
                 self.trust.reject("own_group", peer)
                 continue
@@ -405,5 +386,7 @@ class Collector:
                 continue
             self._seen_content.add(key)
             groups.append(group)
-        self.accepted_by_peer[peer] += len(groups)
+        if groups:
+            self.accepted_by_peer[peer] += len(groups)
+            self.accepted_total += len(groups)
         return groups
