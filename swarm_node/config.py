@@ -230,7 +230,7 @@ class NetworkConfig(_Section):
     max_tracked_peers: int = Field(
         4096, ge=16, description="Most peers whose per-peer state (strikes, bans, failure and admission counts) "
         "the node remembers; the least recently seen are forgotten first, and all of it after max(ban_cooldown_s, "
-        "2 x max_staleness_s). Manifest, record and content memories hold 16 times as many entries. Bounds memory "
+        "2 x max_staleness_s). Manifest and record memories hold 4 times as many entries, group-content digests 16 times. Bounds memory "
         "under a flood of fresh peer IDs."
     )
     ban_strikes: int = Field(3, ge=1, description="Protocol violations after which a peer is ignored.")

@@ -166,7 +166,7 @@ def test_per_peer_maps_stay_bounded_under_fresh_peer_ids():
         assert len(getattr(collector, name)) <= 64, name
     for name in ("rejects_by_peer", "_strikes", "_banned_until"):
         assert len(getattr(trust, name)) <= 64, name
-    for name in ("_seen_manifests", "_seen_bad_records", "_flood_counted", "_seen_content"):
-        assert len(getattr(collector, name)) <= 16 * 64, name
+    for name in ("_seen_manifests", "_seen_bad_records"):
+        assert len(getattr(collector, name)) == 4 * 64, name  # full, and no fuller
     assert len(trust._strikes) == 64  # the bound is reached, not avoided
     assert collector.take().peers_seen == 0  # only peers that delivered verified groups count

@@ -29,7 +29,7 @@ from swarm_node.learning.sapo import Group
 from swarm_node.learning.tasks import RG_VERSION, SMOL_SYSTEM_PROMPT, TaskSet, TaskSpec, safe_repr
 from swarm_node.network import wire
 from swarm_node.network.exchange import FetchError, RolloutExchange
-from swarm_node.network.peermaps import BoundedSet, PeerCounter, PeerMap, content_digest
+from swarm_node.network.peermaps import BoundedSet, PeerCounter, PeerMap, content_digest, manifest_digest
 from swarm_node.network.pool import GroupPool
 from swarm_node.network.trust import PeerTrust
 from swarm_node.network.verify import PROMPT_BYTES_PER_TOKEN, SpecPolicy, VerifyBudgetError, VerifyWorker, rescore
@@ -79,17 +79,17 @@ class Collector:
         self.exchange, self.net, self.train, self.rng = exchange, network, train, rng
         # every per-peer map is bounded (TTL + LRU, network/peermaps.py): fresh peer IDs are free
         peers, peer_ttl_s = network.max_tracked_peers, max(network.ban_cooldown_s, 2 * network.max_staleness_s, 1.0)
-        records = 16 * peers
+        records, contents = 4 * peers, 16 * peers
         self.trust = PeerTrust(network.ban_strikes, network.ban_cooldown_s, max_peers=peers, ttl_s=peer_ttl_s)
         self.pool = GroupPool(network.max_staleness_s, network.max_policy_lag)
         self._invalid_signatures = invalid_signatures
         self._signatures_counted = 0
         ttl_s = 2 * network.max_staleness_s  # anything older is rejected as stale anyway
-        self._seen_manifests = BoundedSet(records, ttl_s)  # (peer, round, sha256) fetched or skipped
+        self._seen_manifests = BoundedSet(records, ttl_s)  # manifest_digest of those fetched or skipped
         self._flood_counted = BoundedSet(records, ttl_s)
         self._seen_bad_records = BoundedSet(records, ttl_s)
-        self._seen_content = BoundedSet(records, ttl_s)  # digests of group content, for dedupe
-        self._own_content = BoundedSet(records, ttl_s)  # digests of this node's own published groups
+        self._seen_content = BoundedSet(contents, ttl_s)  # digests of group content, for dedupe
+        self._own_content = BoundedSet(contents, ttl_s)  # digests of this node's own published groups
         self._good_peers = PeerMap(peers, peer_ttl_s)  # peers that delivered a valid payload before
         self._failures = PeerCounter(peers, peer_ttl_s)  # fetches or payloads of a peer that gave us nothing
         self._tries = PeerCounter(peers, peer_ttl_s)  # fetches attempted per peer
@@ -175,10 +175,10 @@ class Collector:
         manifests = [m for m in manifests if self._is_fresh(m)]
         for m in manifests:
             self.pool.note_version(m.peer_id, m.policy_version)
-        new = [m for m in manifests if (m.peer_id, m.round, m.payload_sha256) not in self._seen_manifests]
+        new = [m for m in manifests if manifest_digest(m) not in self._seen_manifests]
         for m in new:
             if m.num_groups == 0:  # a peer announcing itself ("hello"): nothing to fetch
-                self._seen_manifests.add((m.peer_id, m.round, m.payload_sha256))
+                self._seen_manifests.add(manifest_digest(m))
         # a peer with a fetch in flight or in back-off waits: its manifest stays unseen for a later cycle
         now = time.monotonic()
         new = [m for m in new if m.num_groups > 0 and m.peer_id not in self._inflight
@@ -237,7 +237,7 @@ class Collector:
         manifests = sorted(manifests, key=lambda m: (
             m.peer_id not in self._good_peers, self._failures[m.peer_id], self._tries[m.peer_id], self.rng.random()))
         for m in manifests:
-            key = (m.peer_id, m.round, m.payload_sha256)
+            key = manifest_digest(m)
             if self.trust.is_banned(m.peer_id):
                 self._seen_manifests.add(key)
                 self.trust.reject("banned_peer", None)

@@ -71,3 +71,11 @@ def content_digest(key) -> bytes:
         h.update(len(c).to_bytes(4, "big"))
         h.update(c.encode("utf-8", "surrogatepass"))
     return h.digest()
+
+
+def manifest_digest(manifest) -> bytes:
+    """A 16-byte digest of a manifest's (peer ID, round, payload sha256): what "already seen" remembers."""
+    h = hashlib.blake2b(manifest.peer_id.encode(), digest_size=16)
+    h.update(manifest.round.to_bytes(8, "big", signed=True) if -2**63 <= manifest.round < 2**63 else b"?")
+    h.update(manifest.payload_sha256)
+    return h.digest()
