@@ -113,6 +113,11 @@ class Node:
         self.identity = load_or_create_identity(cfg.resolved_identity_path)
         self._lock_fd = lock_identity(self.identity.path)
         reap_recorded(self.out_dir / "node.pids")  # survivors of a previous run killed with -9
+        from swarm_node.network.verify import VerifyWorker
+
+        # the verification worker process imports reasoning-gym while the model loads (network/verify.py)
+        self._verify_worker = VerifyWorker(cfg.network.verify_memory_mb, cfg.network.verify_timeout_s)
+        self._verify_worker.launch()
         self.taskset = TaskSet(cfg.tasks.task_preset, cfg.tasks.tasks, cfg.tasks.num_fewshot,
                                cfg.tasks.task_seed, cfg.tasks.dataset_size)
         peer_id = self.identity.peer_id.to_base58()
@@ -123,7 +128,8 @@ class Node:
         await self._join_swarm()  # after the model: a connected peer is a peer ready to publish
         self.collector = Collector(self.exchange, cfg.network, cfg.train, random.Random(cfg.train.seed),
                                    lambda: self.validator.invalid_signatures, taskset=self.taskset,
-                                   count_tokens=lambda text: len(self.policy.tokenizer(text).input_ids))
+                                   count_tokens=lambda text: len(self.policy.tokenizer(text).input_ids),
+                                   worker=self._verify_worker)
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
         with progress.task("loading the latest checkpoint"):
             await self._in_thread(self._resume)
@@ -299,6 +305,8 @@ class Node:
         logging.getLogger("swarm_node").removeHandler(self.telemetry.problem)
         if self.collector is not None:
             await self.collector.stop()
+        elif getattr(self, "_verify_worker", None) is not None:
+            self._verify_worker.close()
         if self.exchange is not None:
             try:
                 await asyncio.wait_for(self.exchange.stop(), 5)

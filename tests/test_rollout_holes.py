@@ -172,7 +172,7 @@ def test_hole3_silent_and_stalling_peers_cost_the_node_nothing(tmp_path, reap_ch
     staller = attackers["stalled"]
     assert trust.rejects_by_peer[staller]["fetch_timeout"] >= 1
     assert staller not in trust.banned_peers  # slowness is no violation
-    assert 2 * tries[staller] <= tries[honest_id], dict(tries)  # it costs itself: backed off
+    assert tries[staller] < tries[honest_id], dict(tries)  # it costs itself: backed off, tried less often
 
 
 def test_hole5_own_groups_republished_by_another_peer_are_refused(tmp_path, reap_children):

@@ -71,11 +71,12 @@ class Collector:
         invalid_signatures: callable returning the DHT validator's running count of bad signatures.
         taskset: the node's own task set (allowed specs, prompt style); None: only `SAFE_CONFIG_RANGES`, smol style.
         count_tokens: the local tokenizer's token count of a text; None counts UTF-8 bytes (an upper bound).
+        worker: the verification worker (network/verify.py), possibly launched early; None creates one.
     """
 
     def __init__(self, exchange: RolloutExchange, network: NetworkConfig, train: TrainConfig, rng: random.Random,
                  invalid_signatures: Callable[[], int] = lambda: 0, taskset: TaskSet | None = None,
-                 count_tokens: Callable[[str], int] | None = None):
+                 count_tokens: Callable[[str], int] | None = None, worker: VerifyWorker | None = None):
         self.exchange, self.net, self.train, self.rng = exchange, network, train, rng
         # every per-peer map is bounded (TTL + LRU, network/peermaps.py): fresh peer IDs are free
         peers, peer_ttl_s = network.max_tracked_peers, max(network.ban_cooldown_s, 2 * network.max_staleness_s, 1.0)
@@ -109,7 +110,7 @@ class Collector:
         self._prompt_style = (taskset.system_prompt, taskset.num_fewshot) if taskset is not None else (
             SMOL_SYSTEM_PROMPT, 2)
         self._count_tokens = count_tokens or (lambda text: len(text.encode()))
-        self.worker = VerifyWorker(network.verify_memory_mb, network.verify_timeout_s)
+        self.worker = worker or VerifyWorker(network.verify_memory_mb, network.verify_timeout_s)
         # re-creation and scoring run in the worker process; this thread waits for it, off the event loop
         self._verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
 

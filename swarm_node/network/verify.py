@@ -173,13 +173,16 @@ class VerifyWorker:
         self.memory_mb, self.timeout_s, self.startup_timeout_s = memory_mb, timeout_s, startup_timeout_s
         self._process = None
         self._conn = None
+        self._ready = False
         self.restarts = 0
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def _ensure(self) -> None:
+    def launch(self) -> None:
+        """Start the worker process without waiting for it (it imports reasoning-gym, a few seconds); idempotent.
+        The node launches it before loading its model, so both happen at once."""
         if self._process is not None and self._process.poll() is None:
             return
         if self._process is not None:
@@ -193,6 +196,13 @@ class VerifyWorker:
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self._conn = Connection(ours.detach())
+        self._ready = False
+
+    def _ensure(self) -> None:
+        """Launch the worker if it is not running, and wait until it is ready. Raises VerifyBudgetError."""
+        self.launch()
+        if self._ready:
+            return
         try:
             ready = self._conn.poll(self.startup_timeout_s) and self._conn.recv() == "ready"
         except (EOFError, OSError):
@@ -200,6 +210,8 @@ class VerifyWorker:
         if not ready:
             self.close()
             raise VerifyBudgetError("verify_unavailable", "the verification worker did not start")
+        self._ready = True
+        log.debug("verification worker %d ready", self._process.pid)
 
     def run(self, work: list[tuple[TaskSpec, list[str]]], system_prompt: str, num_fewshot: int,
             max_prompt_bytes: int) -> list[tuple[str, Any, Any]]:
@@ -219,6 +231,7 @@ class VerifyWorker:
     def close(self) -> None:
         """Kill and reap the worker (idempotent)."""
         process, self._process = self._process, None
+        self._ready = False
         if self._conn is not None:
             self._conn.close()
             self._conn = None
