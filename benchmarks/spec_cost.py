@@ -9,7 +9,7 @@ cost verification linearly, more completions only cost scoring), and measures:
 
 - verification: wall time of one payload in the budgeted worker process (VerifyWorker.run, as the node runs it),
   the worker's peak RSS (VmHWM) and whether the payload passed the prompt-token limit;
-- training: one GRPO step of the local policy on `--train-groups` such groups (the most a round takes from one
+- training: one GRPO step (median of 3) of the local policy on `--train-groups` such groups (the most a round takes from one
   peer is J), its wall time and the node process's RSS growth, next to the same step on the node's own smol
   chain_sum spec.
 
@@ -77,9 +77,12 @@ def main() -> None:
         groups = [Group(spec_of(i), completions, [float(k == 0) for k in range(args.completions)], "QmBench", 1, 0,
                         "x") for i in range(args.train_groups)]
         rss0 = process.memory_info().rss
-        t0 = time.perf_counter()
-        stats = trainer.step(groups)
-        return time.perf_counter() - t0, (process.memory_info().rss - rss0) / 2**20, stats.num_tokens
+        times = []
+        for _ in range(3):  # median of 3 steps: the machine is shared
+            t0 = time.perf_counter()
+            stats = trainer.step(groups)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[1], (process.memory_info().rss - rss0) / 2**20, stats.num_tokens
 
     rows = []
     own = SMOL_TASKS["chain_sum"]
