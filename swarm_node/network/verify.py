@@ -47,7 +47,7 @@ SAFE_CONFIG_RANGES: dict[str, dict[str, Any]] = {
                   "invalid_ratio": (0.0, 1.0), "inversion_probability": (0.0, 1.0)},
     "base_conversion": {"min_base": (2, 16), "max_base": (2, 16), "min_value": (0, 100_000),
                         "max_value": (0, 100_000)},
-    "arc_1d": {"min_size": (10, 30), "max_size": (10, 30), "num_train": (1, 3)},
+    "arc_1d": {"min_size": (10, 15), "max_size": (10, 15), "num_train": (1, 2)},
     "bf": {"difficulty": (1, 1)},
     "propositional_logic": {"min_vars": (1, 4), "max_vars": (1, 4), "min_statements": (1, 4),
                             "max_statements": (1, 4), "min_complexity": (1, 3), "max_complexity": (1, 3)},
@@ -56,7 +56,7 @@ SAFE_CONFIG_RANGES: dict[str, dict[str, Any]] = {
     "decimal_arithmetic": {"min_num_decimal_places": (1, 4), "max_num_decimal_places": (1, 4),
                            "min_terms": (2, 6), "max_terms": (2, 6), "precision": (4, 16)},
     "calendar_arithmetic": {"year": (1900, 2100), "offset_upper_bound": (1, 200), "leap_year_range": (1, 200)},
-    "binary_matrix": {"min_n": (1, 8), "max_n": (1, 8), "p_zero": (0.0, 1.0)},
+    "binary_matrix": {"min_n": (1, 6), "max_n": (1, 6), "p_zero": (0.0, 1.0)},
 }
 MAX_DATASET_SIZE = 10**9  # reasoning-gym datasets generate items lazily from (seed, index); size is only a range
 SCALARS = (bool, int, float, str, type(None))
