@@ -91,6 +91,7 @@ class Node:
         self.metrics_url: str | None = None
         self._lag_task: asyncio.Task | None = None
         self.merger = None  # swarm_node.network.merging: WeightMerger, GradMerger or None
+        self._verify_worker = None  # swarm_node.network.verify.VerifyWorker, launched in start()
         self.rounds_failed = 0  # rounds that raised unexpectedly and were retried (metrics `rounds_failed`)
         self._failed_in_a_row = 0
 
@@ -305,7 +306,7 @@ class Node:
         logging.getLogger("swarm_node").removeHandler(self.telemetry.problem)
         if self.collector is not None:
             await self.collector.stop()
-        elif getattr(self, "_verify_worker", None) is not None:
+        elif self._verify_worker is not None:
             self._verify_worker.close()
         if self.exchange is not None:
             try:
