@@ -182,14 +182,24 @@ class NetworkConfig(_Section):
     collect_timeout_s: float = Field(
         60.0,
         ge=0,
-        description="Longest time a round waits for peers' groups, seconds. The wait ends early once J usable "
-        "groups are in, once every peer seen has published this round, or when no peer is connected.",
+        description="Unused since collection runs in the background and a round never waits for peers (kept so "
+        "that existing configs load); see collect_interval_s, max_staleness_s and max_policy_lag.",
+    )
+    collect_interval_s: float = Field(
+        1.0, gt=0, description="Period of the background collection cycle (DHT poll, fetches, verification into "
+        "the pool of external groups), seconds. Each cycle reads num_shards DHT keys."
+    )
+    max_policy_lag: int = Field(
+        4, ge=0, description="Drop a pooled external group once its generator has announced a policy version more "
+        "than this many optimizer steps newer than the one that generated it (counted as `max_policy_lag` in "
+        "pool_dropped). Lag is measured in the generator's own versions: different nodes' counters are independent."
     )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Deadline for fetching one peer's rollouts, seconds.")
     dht_timeout_s: float = Field(10.0, gt=0, description="Deadline for one DHT call, seconds.")
     max_staleness_s: float = Field(
-        300.0, gt=0, description="Use peers' rollouts published at most this long ago (DHT clock), seconds. Round "
-        "counters of different nodes are independent, so freshness is judged by time, not by round numbers."
+        300.0, gt=0, description="Use peers' rollouts published at most this long ago (DHT clock), seconds; older "
+        "pooled groups are dropped unused (counted as `max_staleness_s` in pool_dropped). Round counters of "
+        "different nodes are independent, so freshness is judged by time, not by round numbers."
     )
     max_clock_skew_s: float = Field(
         30.0, ge=0, description="Reject manifests stamped further than this in the future (DHT clock), seconds."
@@ -209,6 +219,24 @@ class NetworkConfig(_Section):
     max_groups_per_payload: int = Field(32, ge=1, le=64, description="Groups accepted in one peer payload.")
     max_completions_per_group: int = Field(32, ge=2, le=64, description="Completions accepted per peer group.")
     max_completion_chars: int = Field(4096, ge=1, le=8192, description="Characters accepted per peer completion.")
+    max_prompt_tokens: int = Field(
+        1024, ge=16, description="Largest prompt (the re-created question with its few-shot examples, local tokenizer) "
+        "of a peer's group; longer ones are dropped as `prompt_too_long` before tokenising for training."
+    )
+    verify_timeout_s: float = Field(
+        5.0, gt=0, description="Deadline for re-creating and scoring one peer payload in the verification worker "
+        "process, seconds; over it the worker is killed and restarted and the payload dropped as `verify_timeout`."
+    )
+    verify_memory_mb: int = Field(
+        1024, ge=512, description="Address-space limit (RLIMIT_AS) of the verification worker process, MiB; a group "
+        "whose re-creation needs more is dropped as `verify_memory`."
+    )
+    max_tracked_peers: int = Field(
+        4096, ge=16, description="Most peers whose per-peer state (strikes, bans, failure and admission counts) "
+        "the node remembers; the least recently seen are forgotten first, and all of it after max(ban_cooldown_s, "
+        "2 x max_staleness_s). Manifest and record memories hold 4 times as many entries, group-content digests 16 times. Bounds memory "
+        "under a flood of fresh peer IDs."
+    )
     ban_strikes: int = Field(3, ge=1, description="Protocol violations after which a peer is ignored.")
     ban_cooldown_s: float = Field(600.0, ge=0, description="How long a peer is ignored after a ban, seconds.")
     startup_retries: int = Field(2, ge=0, description="Extra attempts to start the p2p daemon and DHT after a failure.")

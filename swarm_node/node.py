@@ -8,8 +8,9 @@ thread so peers are served while the node computes.
 One round (SAPO, arXiv 2509.08721, section 3; see shared/SAPO.md):
 1. draw I task specs from the node's own stream; 2. generate L completions per question in one batched call
 and score them with the strict verifier; 3. publish the groups (manifest in the DHT, payload over streams);
-4. collect peers' latest groups (fresh within `max_staleness_s` on the DHT clock), re-create every question from
-its spec and re-score every completion locally, drop zero-advantage groups, sample J; 5. one GRPO step on
+4. take J groups from the pool that background collection fills all the time (peers' latest groups, fresh within
+`max_staleness_s` on the DHT clock and `max_policy_lag` of their generator's versions, every question re-created
+from its spec and every completion re-scored locally, off the event loop); a round never waits for a peer; 5. one GRPO step on
 local + external groups; 6. if merging is on (`merge_mode`, swarm_node/network/merging/), merge with peers of the
 same model when the schedule says so; 7. append a line to metrics.jsonl.
 
@@ -38,7 +39,7 @@ from swarm_node.checkpoint import CheckpointStore
 from swarm_node.config import NodeConfig
 from swarm_node.errors import OperatorError
 from swarm_node.learning.sapo import Group, select_local
-from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate, score, stream_seed
+from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate, safe_repr, score, stream_seed
 from swarm_node.network import wire
 from swarm_node.network.collector import Collector, group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
@@ -48,6 +49,7 @@ from swarm_node.processes import kill_and_wait, reap_recorded, record_children, 
 from swarm_node.telemetry import Telemetry
 
 log = logging.getLogger("swarm_node")
+MAX_ROUND_FAILURES_IN_A_ROW = 5  # see Node.run: a round failing this often in a row stops the node
 
 
 class NetworkError(OperatorError):
@@ -89,6 +91,9 @@ class Node:
         self.metrics_url: str | None = None
         self._lag_task: asyncio.Task | None = None
         self.merger = None  # swarm_node.network.merging: WeightMerger, GradMerger or None
+        self._verify_worker = None  # swarm_node.network.verify.VerifyWorker, launched in start()
+        self.rounds_failed = 0  # rounds that raised unexpectedly and were retried (metrics `rounds_failed`)
+        self._failed_in_a_row = 0
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -109,6 +114,11 @@ class Node:
         self.identity = load_or_create_identity(cfg.resolved_identity_path)
         self._lock_fd = lock_identity(self.identity.path)
         reap_recorded(self.out_dir / "node.pids")  # survivors of a previous run killed with -9
+        from swarm_node.network.verify import VerifyWorker
+
+        # the verification worker process imports reasoning-gym while the model loads (network/verify.py)
+        self._verify_worker = VerifyWorker(cfg.network.verify_memory_mb, cfg.network.verify_timeout_s)
+        self._verify_worker.launch()
         self.taskset = TaskSet(cfg.tasks.task_preset, cfg.tasks.tasks, cfg.tasks.num_fewshot,
                                cfg.tasks.task_seed, cfg.tasks.dataset_size)
         peer_id = self.identity.peer_id.to_base58()
@@ -118,7 +128,9 @@ class Node:
             self.policy, self.trainer = await self._in_thread(self._load_model)
         await self._join_swarm()  # after the model: a connected peer is a peer ready to publish
         self.collector = Collector(self.exchange, cfg.network, cfg.train, random.Random(cfg.train.seed),
-                                   lambda: self.validator.invalid_signatures)
+                                   lambda: self.validator.invalid_signatures, taskset=self.taskset,
+                                   count_tokens=lambda text: len(self.policy.tokenizer(text).input_ids),
+                                   worker=self._verify_worker)
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
         with progress.task("loading the latest checkpoint"):
             await self._in_thread(self._resume)
@@ -128,6 +140,7 @@ class Node:
         self._start_telemetry()
         # announce readiness: peers wait for the next round of every peer that has announced itself
         await self.exchange.publish(self._payload(self.round, []))
+        self.collector.start()  # background collection: poll, fetch and verify into the pool, all run long
         self._write_node_info()
 
     async def _peers_from_file(self, path: Path, timeout_s: float) -> list[str]:
@@ -291,6 +304,10 @@ class Node:
             self._lag_task.cancel()
         self.telemetry.close()
         logging.getLogger("swarm_node").removeHandler(self.telemetry.problem)
+        if self.collector is not None:
+            await self.collector.stop()
+        elif self._verify_worker is not None:
+            self._verify_worker.close()
         if self.exchange is not None:
             try:
                 await asyncio.wait_for(self.exchange.stop(), 5)
@@ -323,9 +340,23 @@ class Node:
         self.telemetry.mark("running")
         await self._maybe_evaluate()  # round 0: the base policy
         while not self.stopping and (cfg.rounds == 0 or self.round < cfg.rounds):
-            metrics = await self.run_round(self.round + 1)
+            try:
+                metrics = await self.run_round(self.round + 1)
+            except (OperatorError, MemoryError):
+                raise  # the operator's to fix (e.g. out of memory): one `error:` line from the CLI
+            except Exception as e:  # a round that fails for an unexpected reason is logged, counted and survived
+                self.rounds_failed += 1
+                self._failed_in_a_row += 1
+                log.error("round %d failed (%s; %d failed so far); retrying it", self.round + 1, safe_repr(e),
+                          self.rounds_failed, exc_info=True)
+                if self._failed_in_a_row >= MAX_ROUND_FAILURES_IN_A_ROW:
+                    raise  # the same failure every time is a local bug, not a peer's doing: stop loudly
+                await asyncio.sleep(1.0)
+                continue
+            self._failed_in_a_row = 0
             if metrics is None:
                 break  # stopped mid-round: the round did not happen, the counter stays
+            metrics["rounds_failed"] = self.rounds_failed
             self.round += 1
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -337,7 +368,7 @@ class Node:
                 metrics["external_groups_used"], metrics["external_groups_available"], metrics["peers_seen"],
                 "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}", metrics["round_s"],
             )
-            self.telemetry.observe_round(metrics, sum(self.collector.accepted_by_peer.values()))
+            self.telemetry.observe_round(metrics, self.collector.accepted_total)
             self.telemetry.info.update(round=self.round, policy_version=metrics["policy_version"],
                                        banned_peers=metrics["banned_peers"])
             await self._maybe_evaluate()
@@ -482,15 +513,14 @@ class Node:
             return None
 
         t0 = time.perf_counter()
+        self.collector.note_own(generated)  # copies of these coming back from other peers are refused
         published = await self.exchange.publish(self._payload(r, generated))
         publish_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        collected = await self.collector.collect(r, lambda: self.stopping)
+        collected = self.collector.take()  # what background collection has verified so far: never waits
         external = collected.groups
         collect_s = time.perf_counter() - t0
-        if self.stopping:
-            return None
 
         t0 = time.perf_counter()
         with progress.task(f"round {r}: GRPO step on {len(local) + len(external)} groups"):
@@ -521,6 +551,7 @@ class Node:
             "peers_seen": collected.peers_seen,
             "published": published,
             "rejected": dict(self.collector.trust.rejects),
+            "pool_dropped": dict(self.collector.pool.dropped),
             "banned_peers": len(self.collector.trust.banned_peers),
             "verify_ms_per_group": round(1000 * self.collector.verify_s / max(1, self.collector.verified_groups), 3),
             "loss": stats.loss,

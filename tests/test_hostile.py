@@ -31,13 +31,15 @@ pytestmark = pytest.mark.slow
 
 ROUNDS = 5
 SHARDS = 4
-PERIOD_S = 3.0
+PERIOD_S = 3.0  # attackers publish a new round this often
+HONEST_PERIOD_S = 1.0  # the honest scripted peer publishes faster than the nodes' rounds: a node never waits for
+# peers (background collection), so a round only finds new honest groups if some were published since the last one
 
 
 def node_config(tmp_path, name, initial_peers):
     return load_config(environ={}, overrides=dict(
         output_dir=str(tmp_path / name), model="tiny", rounds=ROUNDS, num_local_groups=2, num_completions=4,
-        max_new_tokens=8, num_external_groups=16, collect_timeout_s=8, fetch_timeout_s=4, dht_timeout_s=5,
+        max_new_tokens=24, num_external_groups=16, collect_timeout_s=8, fetch_timeout_s=4, dht_timeout_s=5,
         num_shards=SHARDS, initial_peers=initial_peers, max_manifests_per_round=16, ban_strikes=2,
         torch_threads=1, min_peers=1,
     ))
@@ -93,7 +95,6 @@ def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap
                 honest_payloads[r] = honest_payload(honest.peer_id, r, taskset, range(10 * r, 10 * r + 2))
                 await honest.publish(r, wire.encode(honest_payloads[r]), SHARDS)
 
-            scripts.append(honest_step)
             attacks: dict[str, str] = {}  # attacker name -> expected reason
 
             async def payload_attack(name, reason, make_data, serve=None, **manifest_override):
@@ -122,7 +123,7 @@ def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap
                 good(p, r, rewards=[1.0, 1.0, 1.0, 0.0])))
             bad_spec = wire.WireTaskSpec.model_construct(dataset="no_such_dataset", config={}, seed=0, index=1,
                                                          size=10, rg_version=RG_VERSION)
-            await payload_attack("bad_dataset", "bad_task_spec", lambda p, r: wire.encode(good(p, r, spec=bad_spec)))
+            await payload_attack("bad_dataset", "spec_not_allowed", lambda p, r: wire.encode(good(p, r, spec=bad_spec)))
             bad_index = bad_spec.model_copy(update={"dataset": "chain_sum", "index": 10})
             await payload_attack("bad_index", "schema", lambda p, r: wire.encode(good(p, r, spec=bad_index)))  # PROTOCOL.md: index >= size is schema
             await payload_attack("hash", "hash_mismatch", lambda p, r: wire.encode(good(p, r)),
@@ -138,7 +139,7 @@ def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap
             await payload_attack("error_reply", "stream_error", lambda p, r: b"z" * 100, serve=slam)
             # duplicates: re-publishes the honest peer's groups of two rounds ago under its own ID
             await payload_attack("duplicate", "duplicate", lambda p, r: wire.encode(
-                honest_payloads[max(1, r - 2)].model_copy(update={"peer_id": p.peer_id, "round": r})))
+                honest_payloads[sorted(honest_payloads)[-3:][0]].model_copy(update={"peer_id": p.peer_id, "round": r})))
 
             # record-level attacks from one DHT peer holding extra keys
             rec = await peer("records", extra_keys=12)
@@ -174,10 +175,20 @@ def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap
                     await asyncio.gather(*(step(r) for step in scripts))
                     await asyncio.sleep(PERIOD_S)
 
+            async def drive_honest():
+                r = 0
+                while True:
+                    r += 1
+                    await honest_step(r)
+                    await asyncio.sleep(HONEST_PERIOD_S)
+
+            honest_driver = asyncio.create_task(drive_honest())
+            await asyncio.sleep(HONEST_PERIOD_S)
             driver = asyncio.create_task(drive())
             await asyncio.sleep(2 * PERIOD_S)
             await asyncio.gather(a.run(), b.run())
             driver.cancel()
+            honest_driver.cancel()
             return a, b, peers, attacks, sybil_ids
         finally:
             for p in peers.values():

@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import math
 import random
+import reprlib
 from functools import lru_cache
 from typing import Any
 
@@ -118,8 +119,24 @@ def dataset_for(spec: TaskSpec):
         raise TaskError(f"index {spec.index} outside [0, {spec.size})")
     try:
         return _dataset(spec.dataset, json.dumps(spec.config, sort_keys=True), spec.seed, spec.size)
+    except MemoryError:
+        raise  # a resource limit, not a bad config: the caller's budget decides (network/verify.py)
     except Exception as e:  # reasoning-gym raises TypeError/ValueError/AssertionError on bad configs
-        raise TaskError(f"cannot build dataset {spec.dataset!r} with config {spec.config!r}: {e}") from None
+        raise TaskError(f"cannot build dataset {spec.dataset!r} with config {safe_repr(spec.config)}: "
+                        f"{safe_repr(e)}") from None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 3, 8, 8, 80, 80
+
+
+def safe_repr(value: Any) -> str:
+    """A short repr of a peer-supplied value for error messages: bounded depth and length, so it never recurses
+    deeply (a config nested 1,000 levels made plain `repr` raise RecursionError) and never raises."""
+    try:
+        return _REPR.repr(value)[:200]
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
 
 
 def recreate(spec: TaskSpec) -> Question:
@@ -127,8 +144,10 @@ def recreate(spec: TaskSpec) -> Question:
     dataset = dataset_for(spec)
     try:
         return Question(spec, dataset[spec.index])
+    except MemoryError:
+        raise
     except Exception as e:
-        raise TaskError(f"cannot generate {spec.dataset}[{spec.index}]: {e}") from None
+        raise TaskError(f"cannot generate {spec.dataset}[{spec.index}]: {safe_repr(e)}") from None
 
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -218,16 +237,22 @@ class TaskSet:
 
     def messages(self, question: Question) -> list[dict[str, str]]:
         """Chat messages for a question: system prompt, few-shot turns derived from the spec, the question."""
-        spec = question.spec
-        messages = [{"role": "system", "content": self.system_prompt}]
-        if self.num_fewshot:
-            shots = dataset_for(dataclasses.replace(spec, seed=spec.seed + FEWSHOT_SEED_OFFSET))
-            for k in range(self.num_fewshot):
-                example = shots[(spec.index * self.num_fewshot + k) % spec.size]
-                messages.append({"role": "user", "content": example["question"]})
-                messages.append({"role": "assistant", "content": f"<answer>{example['answer']}</answer>"})
-        messages.append({"role": "user", "content": question.text})
-        return messages
+        return prompt_messages(question, self.system_prompt, self.num_fewshot)
+
+
+def prompt_messages(question: Question, system_prompt: str, num_fewshot: int) -> list[dict[str, str]]:
+    """Chat messages for a question: the system prompt, `num_fewshot` example turns derived from the spec (a
+    differently seeded copy of its dataset), then the question. Raises TaskError."""
+    spec = question.spec
+    messages = [{"role": "system", "content": system_prompt}]
+    if num_fewshot:
+        shots = dataset_for(dataclasses.replace(spec, seed=spec.seed + FEWSHOT_SEED_OFFSET))
+        for k in range(num_fewshot):
+            example = shots[(spec.index * num_fewshot + k) % spec.size]
+            messages.append({"role": "user", "content": example["question"]})
+            messages.append({"role": "assistant", "content": f"<answer>{example['answer']}</answer>"})
+    messages.append({"role": "user", "content": question.text})
+    return messages
 
 
 def _parse_custom(entries: list[str]) -> dict[str, dict[str, Any]]:

@@ -1,44 +1,53 @@
-"""The trust boundary: collecting peers' groups, verifying every value, and pooling what survives.
+"""The trust boundary: collecting peers' groups in the background, verifying every value, pooling what survives.
 
-For each peer's latest manifest that is fresh on the DHT clock, the collector fetches the payload (bounded
-in time and bytes), enforces the node's limits, re-creates every question from its task spec and re-scores every
-completion with the local verifier, drops groups whose claimed rewards disagree with the verifier, and
-dedupes groups by content (a group re-published or copied from another peer counts once). Every drop is
-counted by reason in `PeerTrust`, which bans peers that keep violating the protocol. Nothing from a peer
-reaches the trainer unverified, and no peer error escapes as an exception.
+Collection runs continuously as one named asyncio task that the node owns (`Collector.start`/`stop`): every
+`collect_interval_s` it polls the DHT for peers' latest manifests, admits the fresh new ones (known-good peers
+first, a bounded number per round), fetches their payloads (bounded in time and bytes), enforces the node's
+limits, re-creates every question from its task spec and re-scores every completion with the local verifier
+(off the event loop), drops groups whose claimed rewards disagree, dedupes groups by content, and puts the
+survivors into a `GroupPool`. A round never waits for a peer: at training time `take` samples J groups from what
+is already verified, within the pool's staleness bounds (`max_staleness_s`, `max_policy_lag`).
+
+Every drop is counted by reason in `PeerTrust`, which bans peers that keep violating the protocol. Nothing from a
+peer reaches the trainer unverified, and no exception from one peer's data escapes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import random
 import time
-from collections import Counter
 from typing import Callable
 
-from swarm_node.config import NetworkConfig, TrainConfig
-from swarm_node.learning.sapo import Group, select_external
-from swarm_node.learning.tasks import RG_VERSION, TaskError, TaskSpec, recreate, score
 from hivemind.utils import get_dht_time
 
+from swarm_node.config import NetworkConfig, TrainConfig
+from swarm_node.learning.sapo import Group
+from swarm_node.learning.tasks import RG_VERSION, SMOL_SYSTEM_PROMPT, TaskSet, TaskSpec, safe_repr
 from swarm_node.network import wire
 from swarm_node.network.exchange import FetchError, RolloutExchange
+from swarm_node.network.peermaps import BoundedSet, PeerCounter, PeerMap, content_digest, manifest_digest
+from swarm_node.network.pool import GroupPool
 from swarm_node.network.trust import PeerTrust
+from swarm_node.network.verify import PROMPT_BYTES_PER_TOKEN, SpecPolicy, VerifyBudgetError, VerifyWorker, rescore
 
 log = logging.getLogger(__name__)
 REWARD_TOLERANCE = 1e-6
+SLOW_REASONS = frozenset({"fetch_timeout", "unreachable", "stream_error"})  # churn: back-off, never a strike
+MAX_BACKOFF_S = 120.0  # longest a repeatedly slow peer waits before its next fetch
 
 
 @dataclasses.dataclass
 class Collected:
-    """Result of one round's collection."""
+    """The external groups one round trains on."""
 
     groups: list[Group]  # the J (or fewer) sampled external groups
     available: int  # usable groups in the pool before sampling
-    peers_seen: int  # distinct peers with a valid manifest in the window
-    wait_s: float = 0.0  # time spent idle, waiting for peers' next round (not swarm work)
+    peers_seen: int  # distinct peers whose verified groups are in the pool
+    wait_s: float = 0.0  # time the round spent waiting for peers: always 0 (collection runs in the background)
 
 
 def group_to_wire(group: Group) -> wire.WireGroup:
@@ -51,136 +60,150 @@ def group_to_wire(group: Group) -> wire.WireGroup:
     )
 
 
-class ExpiringSet:
-    """A set whose members are forgotten `ttl_s` after they were added, so long runs use bounded memory.
-
-    The collector's ttl is twice `max_staleness_s`: anything older is rejected as stale anyway.
-    """
-
-    def __init__(self, ttl_s: float):
-        self.ttl_s = ttl_s
-        self._added: dict = {}
-
-    def add(self, item) -> None:
-        self._added.setdefault(item, time.monotonic())
-
-    def __contains__(self, item) -> bool:
-        return item in self._added
-
-    def __len__(self) -> int:
-        return len(self._added)
-
-    def prune(self) -> None:
-        horizon = time.monotonic() - self.ttl_s
-        self._added = {k: t for k, t in self._added.items() if t >= horizon}
-
-
-QUIET_MARGIN_S = 5.0  # see Collector._quiet
-
-
 class Collector:
-    """Owns the external-group pool of one node.
+    """Owns the external-group pool of one node and the background task that fills it.
 
     Args:
         exchange: the node's rollout exchange.
-        network: network config (freshness, limits, timeouts, bans).
+        network: network config (freshness, limits, timeouts, bans, collection interval, staleness bounds).
         train: train config (J, zero-advantage filter).
         rng: random source for sampling J groups.
         invalid_signatures: callable returning the DHT validator's running count of bad signatures.
+        taskset: the node's own task set (allowed specs, prompt style); None: only `SAFE_CONFIG_RANGES`, smol style.
+        count_tokens: the local tokenizer's token count of a text; None counts UTF-8 bytes (an upper bound).
+        worker: the verification worker (network/verify.py), possibly launched early; None creates one.
     """
 
     def __init__(self, exchange: RolloutExchange, network: NetworkConfig, train: TrainConfig, rng: random.Random,
-                 invalid_signatures: Callable[[], int] = lambda: 0):
+                 invalid_signatures: Callable[[], int] = lambda: 0, taskset: TaskSet | None = None,
+                 count_tokens: Callable[[str], int] | None = None, worker: VerifyWorker | None = None):
         self.exchange, self.net, self.train, self.rng = exchange, network, train, rng
-        self.trust = PeerTrust(network.ban_strikes, network.ban_cooldown_s)
+        # every per-peer map is bounded (TTL + LRU, network/peermaps.py): fresh peer IDs are free
+        peers, peer_ttl_s = network.max_tracked_peers, max(network.ban_cooldown_s, 2 * network.max_staleness_s, 1.0)
+        records, contents = 4 * peers, 16 * peers
+        self.trust = PeerTrust(network.ban_strikes, network.ban_cooldown_s, max_peers=peers, ttl_s=peer_ttl_s)
+        self.pool = GroupPool(network.max_staleness_s, network.max_policy_lag)
         self._invalid_signatures = invalid_signatures
         self._signatures_counted = 0
-        self._pool: dict[tuple[str, int], tuple[float, list[Group]]] = {}  # (peer, round) -> (received_at, groups)
-        ttl_s = 2 * network.max_staleness_s
-        self._seen_manifests = ExpiringSet(ttl_s)  # (peer, round, sha256) fetched or skipped
-        self._flood_counted = ExpiringSet(ttl_s)
-        self._announced_at: dict[tuple[str, int], float] = {}  # of the payloads fetched in the current poll
-        self._seen_bad_records = ExpiringSet(ttl_s)
-        self._seen_content = ExpiringSet(ttl_s)  # group content keys, for dedupe
-        self._good_peers: set[str] = set()  # peers that delivered a valid payload before
-        self._failures: Counter[str] = Counter()  # fetches or payloads of a peer that gave us nothing
-        self._tries: Counter[str] = Counter()  # fetches attempted per peer
-        self._last_seen: set[str] = set()  # peers with a fresh manifest in the previous collect call
-        self._published_at: dict[str, list[float]] = {}  # peer -> creation times (DHT clock) of its last 2 rounds
-        self.peers_announced: set[str] = set()  # every peer with a valid manifest seen so far
-        self._used = ExpiringSet(ttl_s)  # content keys of groups already trained on
+        ttl_s = 2 * network.max_staleness_s  # anything older is rejected as stale anyway
+        self._seen_manifests = BoundedSet(records, ttl_s)  # manifest_digest of those fetched or skipped
+        self._flood_counted = BoundedSet(records, ttl_s)
+        self._seen_bad_records = BoundedSet(records, ttl_s)
+        self._seen_content = BoundedSet(contents, ttl_s)  # digests of group content, for dedupe
+        self._own_content = BoundedSet(contents, ttl_s)  # digests of this node's own published groups
+        self._good_peers = PeerMap(peers, peer_ttl_s)  # peers that delivered a valid payload before
+        self._failures = PeerCounter(peers, peer_ttl_s)  # fetches or payloads of a peer that gave us nothing
+        self._tries = PeerCounter(peers, peer_ttl_s)  # fetches attempted per peer
+        self._admitted_this_round = 0  # manifests admitted since the last take (max_manifests_per_round)
+        self.peers_announced = BoundedSet(peers, peer_ttl_s)  # peers with a valid manifest seen recently
         self.verify_s = 0.0
         self.verified_groups = 0
-        self.accepted_by_peer: Counter[str] = Counter()  # groups that passed verification, per peer ID
+        self.cycles = 0  # background collection cycles completed
+        self.accepted_by_peer = PeerCounter(peers, peer_ttl_s)  # groups that passed verification, per peer ID
+        self.accepted_total = 0  # groups that passed verification, all peers
+        self._task: asyncio.Task | None = None
+        self._inflight: dict[str, asyncio.Task] = {}  # peer -> its one fetch-and-verify task
+        self._timeouts = PeerCounter(peers, peer_ttl_s)  # consecutive slow fetches per peer (back-off exponent)
+        self._backoff_until = PeerMap(peers, MAX_BACKOFF_S)  # peer -> monotonic time before which it is not fetched
+        # the cost bounds of a peer's task spec (network/verify.py)
+        self.spec_policy = SpecPolicy(taskset.tasks if taskset is not None else {})
+        self._prompt_style = (taskset.system_prompt, taskset.num_fewshot) if taskset is not None else (
+            SMOL_SYSTEM_PROMPT, 2)
+        self._count_tokens = count_tokens or (lambda text: len(text.encode()))
+        self.worker = worker or VerifyWorker(network.verify_memory_mb, network.verify_timeout_s)
+        # re-creation and scoring run in the worker process; this thread waits for it, off the event loop
+        self._verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
 
-    async def collect(self, r: int, stopping: Callable[[], bool]) -> Collected:
-        """Gather verified groups from peers' latest manifests, then sample J.
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the background collection task ("rollout-collector") in the running event loop."""
+        if self._task is None:
+            self._verifier.submit(self.worker._ensure)  # import reasoning-gym in the worker before the first payload
+            self._task = asyncio.create_task(self._run(), name="rollout-collector")
 
-        Waits (polling every 0.5 s) until J usable groups are pooled, or every connected peer with a fresh manifest
-        (in this call or the previous one) has published something new during this call, or no peer is connected,
-        or `collect_timeout_s` passes. A peer that has gone quiet (see `_quiet`: it finished its rounds and only
-        serves, or stalled) is not waited for. Remembering the previous call's peers keeps a DHT read that briefly misses
-        a peer's record (a timeout on a loaded machine) from ending the wait early.
-        """
-        horizon = time.monotonic() - self.net.max_staleness_s
-        self._pool = {k: v for k, v in self._pool.items() if v[0] >= horizon}
-        for seen in (self._seen_manifests, self._flood_counted, self._seen_bad_records, self._seen_content, self._used):
-            seen.prune()
-        self._announced_at.clear()
-        deadline = time.monotonic() + self.net.collect_timeout_s
-        want = self.train.num_external_groups
-        fetched, delivered, peers_seen = 0, set(), set()
-        wait_s = 0.0
+    async def stop(self) -> None:
+        """Cancel the background task and wait for it; shut the verification worker down."""
+        tasks = [t for t in [self._task, *self._inflight.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+        self._inflight.clear()
+        self._verifier.shutdown(wait=False, cancel_futures=True)
+        self.worker.close()
+
+    async def _run(self) -> None:
         while True:
-            manifests, rejections = await self.exchange.poll()
-            for rej in rejections:
-                self._reject_record_once(rej.record_id, rej.reason, rej.peer_id, rej.detail)
-            self._count_bad_signatures()
-            self.peers_announced.update(m.peer_id for m in manifests)
-            manifests = [m for m in manifests if self._is_fresh(m)]
-            peers_seen.update(m.peer_id for m in manifests)
-            for m in manifests:
-                times = self._published_at.setdefault(m.peer_id, [])
-                if not times or m.created_at_s > times[-1]:
-                    times[:] = [*times[-1:], m.created_at_s]
-            new = [m for m in manifests if (m.peer_id, m.round, m.payload_sha256) not in self._seen_manifests]
-            for m in new:
-                if m.num_groups == 0:  # a peer announcing itself ("hello"): nothing to fetch, wait for its round
-                    self._seen_manifests.add((m.peer_id, m.round, m.payload_sha256))
-            new = [m for m in new if m.num_groups > 0]
-            fresh = self._admit(new, self.net.max_manifests_per_round - fetched)
-            fetched += len(fresh)
-            delivered.update(m.peer_id for m in fresh)
-            if fresh:
-                payloads = await asyncio.gather(*(self._fetch(m) for m in fresh))
-                # verify in announcement order, so a copy published later never displaces the original
-                for payload in sorted(filter(None, payloads), key=lambda p: self._announced_at[p.peer_id, p.round]):
-                    self._verify_and_pool(payload)
-            if want == 0 or len(self.usable()) >= want or stopping() or time.monotonic() >= deadline:
-                break
-            live = {info.peer_id.to_base58() for info in await self.exchange.p2p.list_peers()}
-            expected = peers_seen | self._last_seen
-            waiting_for = {p for p in expected if p in live and not self.trust.is_banned(p) and not self._quiet(p)}
-            if not live or waiting_for <= delivered:
-                break  # alone, or every live peer already delivered its newest round
-            t_wait = time.monotonic()
-            await asyncio.sleep(0.5)
-            wait_s += time.monotonic() - t_wait
-        self._last_seen = peers_seen
-        usable = self.usable()
-        chosen = select_external(usable, want, self.rng, self.train.filter_zero_advantage)
-        for g in chosen:
-            self._used.add(g.content_key())
-        return Collected(chosen, len(usable), len(peers_seen), wait_s)
+            t0 = time.monotonic()
+            try:
+                await self.collect_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # never let one cycle's surprise end collection
+                self.trust.reject("collect_cycle_error", None, safe_repr(e))
+                log.warning("collection cycle failed (%s); continuing", safe_repr(e))
+            self.cycles += 1
+            await asyncio.sleep(max(0.0, self.net.collect_interval_s - (time.monotonic() - t0)))
 
-    def _quiet(self, peer_id: str) -> bool:
-        """Has this peer stopped publishing rounds (finished its run, or stalled)? True once its newest manifest is
-        older than two of its own round periods plus QUIET_MARGIN_S; unknown periods count as active."""
-        times = self._published_at.get(peer_id, [])
-        if len(times) < 2:
-            return False
-        period_s = max(0.0, times[1] - times[0])
-        return get_dht_time() - times[1] > 2 * period_s + QUIET_MARGIN_S
+    # ------------------------------------------------------------------ the round's side
+    def take(self) -> Collected:
+        """Sample J verified groups from the pool for this round's training; never waits."""
+        self._admitted_this_round = 0
+        chosen, available = self.pool.take(self.train.num_external_groups, self.rng, self.train.filter_zero_advantage)
+        return Collected(chosen, available, len(self.pool.peers()))
+
+    def note_own(self, groups: list[Group]) -> None:
+        """Remember this node's own groups (before publishing them), so copies republished by others are refused."""
+        for g in groups:
+            self._own_content.add(content_digest(g.content_key()))
+
+    def usable(self) -> list[Group]:
+        """Verified, not yet used groups within the staleness bounds."""
+        return self.pool.usable(self.train.filter_zero_advantage)
+
+    # ------------------------------------------------------------------ one background cycle
+    async def collect_once(self) -> None:
+        """Poll the DHT once, fetch the admitted new manifests' payloads and verify them into the pool."""
+        for seen in (self._seen_manifests, self._flood_counted, self._seen_bad_records, self._seen_content,
+                     self._own_content):
+            seen.prune()
+        manifests, rejections = await self.exchange.poll()
+        for rej in rejections:
+            self._reject_record_once(rej.record_id, rej.reason, rej.peer_id, rej.detail)
+        self._count_bad_signatures()
+        for m in manifests:
+            self.peers_announced.add(m.peer_id)
+        manifests = [m for m in manifests if self._is_fresh(m)]
+        for m in manifests:
+            self.pool.note_version(m.peer_id, m.policy_version)
+        new = [m for m in manifests if manifest_digest(m) not in self._seen_manifests]
+        for m in new:
+            if m.num_groups == 0:  # a peer announcing itself ("hello"): nothing to fetch
+                self._seen_manifests.add(manifest_digest(m))
+        # a peer with a fetch in flight or in back-off waits: its manifest stays unseen for a later cycle
+        now = time.monotonic()
+        new = [m for m in new if m.num_groups > 0 and m.peer_id not in self._inflight
+               and self._backoff_until.get(m.peer_id, 0.0) <= now]
+        admitted = self._admit(new, self.net.max_manifests_per_round - self._admitted_this_round)
+        self._admitted_this_round += len(admitted)
+        # one task per payload: a slow or stalling peer delays only itself, never the cycle or other peers.
+        # Announcement order is kept within a cycle's batch start; a copy published later than its original is the
+        # one counted as `duplicate` unless the original's fetch is the slower one (a duplicate is never a strike).
+        for m in sorted(admitted, key=lambda m: m.created_at_s):
+            self._inflight[m.peer_id] = asyncio.create_task(self._handle(m), name=f"fetch-{m.peer_id[-8:]}")
+
+    async def _handle(self, manifest: wire.Manifest) -> None:
+        """Fetch, verify and pool one peer payload; nothing raised here leaves this peer's handling."""
+        try:
+            payload = await self._fetch(manifest)
+            if payload is not None:
+                await self._verify_and_pool(manifest, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._internal_error(manifest.peer_id, e)
+        finally:
+            self._inflight.pop(manifest.peer_id, None)
 
     def _is_fresh(self, m: wire.Manifest) -> bool:
         """Freshness on the DHT clock (all peers share it within seconds): neither stale nor from the future."""
@@ -198,12 +221,6 @@ class Collector:
             self._seen_bad_records.add(record_id)
             self.trust.reject(reason, peer_id, detail)
 
-    def usable(self) -> list[Group]:
-        """Verified, not yet used, not stale groups (with signal, if the zero-advantage filter is on)."""
-        keep_all = not self.train.filter_zero_advantage
-        return [g for _, groups in self._pool.values() for g in groups
-                if (keep_all or g.has_signal) and g.content_key() not in self._used]
-
     def _count_bad_signatures(self) -> None:
         total = self._invalid_signatures()
         for _ in range(total - self._signatures_counted):
@@ -214,14 +231,14 @@ class Collector:
         """Skip banned peers and admit at most `budget` new manifests: peers that delivered valid data before first,
         then by how often a peer failed us, then least tried first, ties broken at random.
 
-        Manifests over the budget stay unseen, so they can be admitted in a later poll or round; each is counted
+        Manifests over the budget stay unseen, so they can be admitted in a later cycle or round; each is counted
         once as `flood`. A Sybil flood therefore delays newcomers but cannot starve known-good peers.
         """
         admitted = []
         manifests = sorted(manifests, key=lambda m: (
             m.peer_id not in self._good_peers, self._failures[m.peer_id], self._tries[m.peer_id], self.rng.random()))
         for m in manifests:
-            key = (m.peer_id, m.round, m.payload_sha256)
+            key = manifest_digest(m)
             if self.trust.is_banned(m.peer_id):
                 self._seen_manifests.add(key)
                 self.trust.reject("banned_peer", None)
@@ -235,61 +252,142 @@ class Collector:
         return admitted
 
     async def _fetch(self, manifest: wire.Manifest) -> wire.RolloutPayload | None:
-        self._announced_at[manifest.peer_id, manifest.round] = manifest.created_at_s
         try:
             return await self.exchange.fetch(manifest, self.net.max_payload_bytes)
         except FetchError as e:
             self._failures[manifest.peer_id] += 1
             self.trust.reject(e.reason, manifest.peer_id, str(e))
+            if e.reason in SLOW_REASONS:  # slowness is no violation, but it costs the peer, not the node
+                self._timeouts[manifest.peer_id] += 1
+                delay_s = min(MAX_BACKOFF_S, self.net.collect_interval_s * 2 ** self._timeouts[manifest.peer_id])
+                self._backoff_until[manifest.peer_id] = time.monotonic() + delay_s
             log.debug("dropped payload of %s round %d: %s", manifest.peer_id, manifest.round, e)
-            return None
+        except Exception as e:  # no exception from one peer's data leaves that peer's handling
+            self._internal_error(manifest.peer_id, e)
+        return None
 
-    def _verify_and_pool(self, payload: wire.RolloutPayload) -> None:
+    def _internal_error(self, peer_id: str, e: BaseException) -> None:
+        """An unexpected exception while handling one peer's data: counted as `internal_error` (a strike: fresh keys
+        make any crash trigger free to repeat), logged once at warning, and contained."""
+        self._failures[peer_id] += 1
+        self.trust.reject("internal_error", peer_id, safe_repr(e))
+        log.warning("unexpected error handling data of peer %s (dropped, counted as internal_error): %s", peer_id,
+                    safe_repr(e))
+
+    async def _verify_and_pool(self, manifest: wire.Manifest, payload: wire.RolloutPayload) -> None:
         t0 = time.perf_counter()
-        groups = self.verify_payload(payload)
-        self.verify_s += time.perf_counter() - t0
+        try:
+            groups = await self.verify_payload_async(payload)
+        except Exception as e:  # no exception from one peer's data leaves that peer's handling
+            self._internal_error(payload.peer_id, e)
+            return
+        finally:
+            self.verify_s += time.perf_counter() - t0
         if groups:
-            self._good_peers.add(payload.peer_id)
-            self._pool[(payload.peer_id, payload.round)] = (time.monotonic(), groups)
+            self._good_peers[payload.peer_id] = True
+            self._timeouts.pop(payload.peer_id, None)
+            self._backoff_until.pop(payload.peer_id, None)
+            self.pool.add(payload.peer_id, payload.round, manifest.created_at_s, payload.policy_version, groups)
         else:
             self._failures[payload.peer_id] += 1
 
-    def verify_payload(self, payload: wire.RolloutPayload) -> list[Group] | None:
-        """Limits, re-creation, re-scoring and dedupe. Returns the surviving groups, or None if the whole payload
-        is rejected (a limit broken or a reward forged: the peer is not honest, so none of its groups is used)."""
+    # ------------------------------------------------------------------ verification
+    def _prompt_fits(self, prompt: str | None) -> bool:
+        """The re-created prompt's message texts within `max_prompt_tokens`: a prompt of at most that many UTF-8
+        bytes fits without tokenising (a token covers at least one byte); the worker already dropped prompts over
+        PROMPT_BYTES_PER_TOKEN bytes per token (None); the rest is tokenised with the local tokenizer."""
+        if prompt is None:
+            return False
+        limit = self.net.max_prompt_tokens
+        return len(prompt.encode()) <= limit or self._count_tokens(prompt) <= limit
+
+    def _check_limits(self, payload: wire.RolloutPayload) -> bool:
         peer = payload.peer_id
         if len(payload.groups) > self.net.max_groups_per_payload:
             self.trust.reject("over_limit", peer, f"{len(payload.groups)} groups")
-            return None
+            return False
         for wg in payload.groups:
             if len(wg.completions) > self.net.max_completions_per_group or any(
                     len(c) > self.net.max_completion_chars for c in wg.completions):
                 self.trust.reject("over_limit", peer, "completions per group or characters per completion")
-                return None
-        groups = []
-        for wg in payload.groups:
+                return False
+        return True
+
+    def _specs(self, payload: wire.RolloutPayload) -> list[tuple[int, TaskSpec]]:
+        """The specs worth re-creating, by group index (another reasoning-gym release is skipped, not struck)."""
+        out = []
+        for i, wg in enumerate(payload.groups):
             spec = TaskSpec(wg.spec.dataset, dict(wg.spec.config), wg.spec.seed, wg.spec.index, wg.spec.size,
                             wg.spec.rg_version)
             if spec.rg_version != RG_VERSION:  # an honest peer on another release: useless here, not hostile
-                self.trust.reject("rg_version_mismatch", peer, spec.rg_version)
+                self.trust.reject("rg_version_mismatch", payload.peer_id, safe_repr(spec.rg_version))
                 continue
-            try:
-                question = recreate(spec)
-            except TaskError as e:
-                self.trust.reject("bad_task_spec", peer, str(e))
+            refused = self.spec_policy.check(spec)  # cost bound before any work (network/verify.py)
+            if refused is not None:
+                self.trust.reject("spec_not_allowed", payload.peer_id, refused)
                 continue
-            rewards = [score(question, c) for c in wg.completions]
+            out.append((i, spec))
+        return out
+
+    def verify_payload(self, payload: wire.RolloutPayload) -> list[Group] | None:
+        """Limits, re-creation, re-scoring and dedupe, inline (tests and tools). Returns the surviving groups, or None
+        if the whole payload is rejected (a limit broken or a reward forged: none of its groups is used)."""
+        if not self._check_limits(payload):
+            return None
+        specs = self._specs(payload)
+        results = rescore([(spec, list(payload.groups[i].completions)) for i, spec in specs], *self._prompt_style,
+                          self._max_prompt_bytes)
+        return self._apply(payload, specs, results)
+
+    @property
+    def _max_prompt_bytes(self) -> int:
+        return PROMPT_BYTES_PER_TOKEN * self.net.max_prompt_tokens
+
+    async def verify_payload_async(self, payload: wire.RolloutPayload) -> list[Group] | None:
+        """As `verify_payload`, with re-creation and scoring off the event loop."""
+        if not self._check_limits(payload):
+            return None
+        specs = self._specs(payload)
+        if not specs:
+            return self._apply(payload, [], [])
+        work = [(spec, list(payload.groups[i].completions)) for i, spec in specs]
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._verifier, self.worker.run, work, *self._prompt_style, self._max_prompt_bytes)
+        except VerifyBudgetError as e:
+            self.trust.reject(e.reason, payload.peer_id, e.detail)
+            return None
+        return self._apply(payload, specs, results)
+
+    def _apply(self, payload: wire.RolloutPayload, specs: list[tuple[int, TaskSpec]],
+               results: list[tuple[str, object, object]]) -> list[Group] | None:
+        peer = payload.peer_id
+        groups = []
+        for (i, spec), (status, value, prompt) in zip(specs, results):
+            wg = payload.groups[i]
+            if status != "ok":
+                self.trust.reject(status, peer, str(value))
+                continue
+            if not self._prompt_fits(prompt):
+                self.trust.reject("prompt_too_long", peer, f"{spec.dataset}: over {self.net.max_prompt_tokens} tokens")
+                continue
+            rewards = list(value)
             self.verified_groups += 1
             if any(abs(a - b) > REWARD_TOLERANCE for a, b in zip(rewards, wg.rewards)):
                 self.trust.reject("reward_mismatch", peer, f"claimed {wg.rewards[:4]} verified {rewards[:4]}")
                 return None
             group = Group(spec, list(wg.completions), rewards, peer, payload.round, payload.policy_version,
                           payload.model)
-            key = group.content_key()
+            key = content_digest(group.content_key())
+            if key in self._own_content:  # our own group, republished under another peer's ID
+                self.trust.reject("own_group", peer)
+                continue
             if key in self._seen_content:
                 self.trust.reject("duplicate", peer)
                 continue
             self._seen_content.add(key)
             groups.append(group)
-        self.accepted_by_peer[peer] += len(groups)
+        if groups:
+            self.accepted_by_peer[peer] += len(groups)
+            self.accepted_total += len(groups)
         return groups

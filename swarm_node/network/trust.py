@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
+
+from swarm_node.network.peermaps import PeerCounter, PeerCounters, PeerMap
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +21,11 @@ log = logging.getLogger(__name__)
 VIOLATIONS = frozenset({
     "malformed", "schema", "version", "too_large", "hash_mismatch", "size_mismatch", "manifest_mismatch",
     "bad_task_spec", "reward_mismatch", "owner_mismatch", "over_limit",
+    # an unexpected exception while handling the peer's data: contained, and struck, since fresh keys make a
+    # crash trigger free to repeat
+    "internal_error",
+    # a task spec over the cost limits (network/verify.py): repeatable for free with fresh keys
+    "spec_not_allowed", "prompt_too_long", "verify_timeout", "verify_memory",
 })
 
 
@@ -29,14 +36,19 @@ class PeerTrust:
         ban_strikes: violations after which a peer is banned.
         ban_cooldown_s: how long a ban lasts, seconds; the strike count restarts afterwards.
         clock: monotonic clock (seconds), injectable for tests.
+        max_peers: most peers whose counts, strikes and bans are remembered (least recently touched go first).
+        ttl_s: how long a peer's per-peer counts and strikes are remembered after its last rejection, seconds.
+
+    Per-peer state is bounded (swarm_node/network/peermaps.py): a Sybil flood of fresh peer IDs cannot grow it.
     """
 
-    def __init__(self, ban_strikes: int = 3, ban_cooldown_s: float = 600.0, clock=time.monotonic):
+    def __init__(self, ban_strikes: int = 3, ban_cooldown_s: float = 600.0, clock=time.monotonic,
+                 max_peers: int = 4096, ttl_s: float = 1200.0):
         self.ban_strikes, self.ban_cooldown_s, self._clock = ban_strikes, ban_cooldown_s, clock
-        self.rejects: Counter[str] = Counter()
-        self.rejects_by_peer: dict[str, Counter[str]] = defaultdict(Counter)
-        self._strikes: Counter[str] = Counter()
-        self._banned_until: dict[str, float] = {}
+        self.rejects: Counter[str] = Counter()  # by reason only: bounded by the set of reasons
+        self.rejects_by_peer = PeerCounters(max_peers, ttl_s, clock)
+        self._strikes = PeerCounter(max_peers, ttl_s, clock)
+        self._banned_until = PeerMap(max_peers, max(ban_cooldown_s, 1.0), clock)
 
     def reject(self, reason: str, peer_id: str | None = None, detail: str = "") -> None:
         """Count one rejection; a violation by a known peer adds a strike and may ban it."""
@@ -58,7 +70,7 @@ class PeerTrust:
         if until is None:
             return False
         if self._clock() >= until:
-            del self._banned_until[peer_id]
+            self._banned_until.pop(peer_id, None)
             return False
         return True
 
