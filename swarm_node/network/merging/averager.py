@@ -8,6 +8,9 @@
 - **Failure signals.** hivemind 1.1.12 can finish a round "successfully" after a peer died: the parts that
   peer should have averaged fall back to this peer's own values (`failed_size`), and senders that stopped
   mid-round are left out of the parts they did not send (`banned_senders`). Both are recorded per round.
+- **A guarded reducer** (`GuardedAllReduceRunner`): as a reducer, every sender counts with weight 1 whatever
+  weight its parts claim, and a sender whose part has another compression than this group's, or holds a
+  non-finite value, is dropped from the round at once (hivemind would average it with the claimed weight).
 - **State.** Peers that download this peer's state (`load_state_from_peers`) get what `state_fn` returns (the
   weights at the last verified merge), not the tensors being averaged right now.
 
@@ -17,6 +20,7 @@ Averagers are created with `start_in_main_thread`: hivemind requires the main th
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import multiprocessing as mp
@@ -31,7 +35,14 @@ from hivemind.compression import CompressionBase, CompressionInfo, Float16Compre
 from hivemind.compression.quantization import Uniform8BitQuantization
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.averaging.partition import BannedException
+import hivemind.averaging.allreduce as _allreduce_module
+import hivemind.averaging.averager as _averager_module
+from hivemind.proto import averaging_pb2
+from hivemind.p2p import PeerID
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.streaming import combine_from_streaming
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +115,49 @@ def _count_tensor_traffic(traffic: Traffic) -> None:
     averager.deserialize_torch_tensor = counted_deserialize
 
 
+class GuardedAllReduceRunner(AllReduceRunner):
+    """hivemind 1.1.12's AllReduceRunner whose reducer side trusts no sender's claims.
+
+    `_accumulate_parts_streaming` is hivemind's, except: the weight is 1.0 for every sender (the protocol fixes
+    it, docs/merging.md), and a part is refused (the sender is dropped from the round, hivemind's ban) when its
+    compression differs from `expected_compression` or it decodes to a non-finite value. Outputs of this
+    peer's own parts are unchanged, so honest peers see exactly hivemind's plain mean.
+    """
+
+    def __init__(self, *, expected_compression: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.expected_compression = expected_compression
+
+    def _check_part(self, msg) -> tuple[torch.Tensor, int]:
+        compression = msg.tensor_part.compression
+        if self.expected_compression is not None and compression != self.expected_compression:
+            raise AllreduceException(f"part compressed with {compression}, the group uses {self.expected_compression}")
+        part = _allreduce_module.deserialize_torch_tensor(msg.tensor_part)  # looked up late: counted (bytes)
+        if not torch.isfinite(part).all():
+            raise AllreduceException("part holds non-finite values")
+        return part, compression
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, part_compression in amap_in_executor(
+                self._check_part, stream, max_prefetch=self.tensor_part_container.prefetch
+            ):
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=1.0)
+                    part_index += 1
+                except BannedException:
+                    break
+                serialized_delta = await loop.run_in_executor(
+                    None, lambda: _allreduce_module.serialize_torch_tensor(averaged_part - tensor_part, part_compression))
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
 class Instrumented:
     """Mixin for hivemind averager classes (DecentralizedAverager and its subclasses): byte counters, per-round
     failure signals and quiet "no group" logs. Call `_instrument(kwargs)` before the class's own __init__."""
@@ -138,8 +192,10 @@ class Instrumented:
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """hivemind 1.1.12's implementation, plus recording the runner's failure signals when it ends."""
         group_id = group_info.group_id if group_id is None else group_id
-        runner = AllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-                                 group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        kwargs["weight"] = 1.0  # every member counts once (protocol v1)
+        runner = GuardedAllReduceRunner(
+            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, expected_compression=getattr(kwargs.get("compression"), "compression_type", None), **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         self._faults[2] = len(group_info.peer_ids)
@@ -177,6 +233,71 @@ class MergeAverager(Instrumented, DecentralizedAverager):
     def get_current_state(self):
         metadata, tensors = self._state_fn()
         return metadata, tensors, None
+
+    # State downloads from chosen donors (instead of hivemind's "highest claimed priority" choice).
+    def fetch_state_infos(self, peers: Sequence[str], timeout: float) -> dict[str, bytes]:
+        """Ask each donor (base58 peer IDs) for its state's metadata only (the first message of its state stream,
+        then the stream is closed). Returns {peer: metadata bytes} for those that answered in time."""
+        future = MPFuture()
+        self._outer_pipe.send(("_fetch_state_infos", [], dict(peers=list(peers), timeout=timeout, future=future)))
+        return future.result(timeout=timeout + 5)
+
+    def download_state(self, peer: str, timeout: float) -> tuple[bytes, list[torch.Tensor]] | None:
+        """Download one donor's whole state: (metadata bytes, tensors), or None if it failed or sent none."""
+        future = MPFuture()
+        self._outer_pipe.send(("_download_state", [], dict(peer=peer, timeout=timeout, future=future)))
+        return future.result(timeout=timeout + 5)
+
+    async def _open_state_stream(self, peer: str):
+        stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+        return await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+
+    async def _fetch_state_infos(self, future, peers: list[str], timeout: float) -> None:
+        async def first_metadata(peer: str):
+            stream = await self._open_state_stream(peer)
+            try:
+                async for message in stream:
+                    return self.serializer.loads(message.metadata) if message.metadata else None
+            finally:
+                await stream.aclose()
+
+        async def guarded(peer: str):
+            try:
+                return await asyncio.wait_for(first_metadata(peer), timeout)
+            except Exception as e:
+                log.debug("no state metadata from %s: %r", peer, e)
+                return None
+
+        try:
+            results = await asyncio.gather(*(guarded(p) for p in peers))
+            future.set_result({p: r for p, r in zip(peers, results) if isinstance(r, bytes)})
+        except BaseException as e:
+            if not future.done():
+                future.set_result({})
+            if not isinstance(e, Exception):
+                raise
+
+    async def _download_state(self, future, peer: str, timeout: float) -> None:
+        try:
+            async def whole():
+                stream = await self._open_state_stream(peer)
+                metadata, parts, tensors = None, [], []
+                async for message in aiter_with_timeout(stream, timeout=timeout):
+                    if message.metadata:
+                        metadata = self.serializer.loads(message.metadata)
+                    if message.tensor_part.dtype and parts:
+                        tensors.append(_averager_module.deserialize_torch_tensor(combine_from_streaming(parts)))
+                        parts = []
+                    parts.append(message.tensor_part)
+                if parts:
+                    tensors.append(_averager_module.deserialize_torch_tensor(combine_from_streaming(parts)))
+                return (metadata, tensors) if isinstance(metadata, bytes) else None
+
+            future.set_result(await asyncio.wait_for(whole(), timeout))
+        except Exception as e:
+            log.debug("state download from %s failed: %r", peer, e)
+            if not future.done():
+                future.set_result(None)
 
 
 def start_in_main_thread(factory: Callable[[], Any]) -> Any:
