@@ -47,6 +47,9 @@ from hivemind.utils.streaming import combine_from_streaming
 log = logging.getLogger(__name__)
 
 
+RPC_SERVICE = "SwarmMergeV1"  # service part of the averaging RPC names (protocols/PROTOCOL.md, merge section)
+
+
 def make_compression(name: str) -> CompressionBase:
     """none, fp16 or 8bit (hivemind's uniform 8-bit, decodable thanks to hivemind_patch)."""
     return {"none": NoCompression, "fp16": Float16Compression, "8bit": Uniform8BitQuantization}[name]()
@@ -163,6 +166,7 @@ class Instrumented:
     failure signals and quiet "no group" logs. Call `_instrument(kwargs)` before the class's own __init__."""
 
     traffic: Traffic
+    runner_cls: type = GuardedAllReduceRunner  # the all-reduce runner (an extension point; tests use a hostile one)
 
     def _instrument(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         self.traffic = Traffic()
@@ -193,7 +197,7 @@ class Instrumented:
         """hivemind 1.1.12's implementation, plus recording the runner's failure signals when it ends."""
         group_id = group_info.group_id if group_id is None else group_id
         kwargs["weight"] = 1.0  # every member counts once (protocol v1)
-        runner = GuardedAllReduceRunner(
+        runner = self.runner_cls(
             p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
             ordered_peer_ids=group_info.peer_ids, expected_compression=getattr(kwargs.get("compression"), "compression_type", None), **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
@@ -229,6 +233,13 @@ class MergeAverager(Instrumented, DecentralizedAverager):
                  **kwargs: Any):
         self._state_fn = state_fn
         super().__init__(tensors, dht, start=False, **self._instrument(kwargs))
+
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        """libp2p handler names: `{prefix}::SwarmMergeV1.{method}`. hivemind uses the Python class name, which
+        would make any subclass (or another implementation) unreachable; the protocol fixes the name instead."""
+        name = f"{RPC_SERVICE}.{method_name}"
+        return f"{namespace}::{name}" if namespace is not None else name
 
     def get_current_state(self):
         metadata, tensors = self._state_fn()

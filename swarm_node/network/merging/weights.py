@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 FINAL_MERGE_WINDOW_FACTOR = 3.0  # the last merge of a `late` run waits longer for every peer
 DECLARE_STATE_PERIOD_S = 10.0  # how often an averager re-announces itself as a state donor (and how stale that is)
+MOMENT_RATIO = 10.0  # averaged AdamW moments: |exp_avg_hat| is clamped to this times sqrt(exp_avg_sq_hat)
 MAX_DONORS = 5  # donors asked for their state's checksums before a download
 
 
@@ -91,6 +92,8 @@ class WeightMerger:
         private_key: the node's identity key (signs this node's record in the merge registry; the DHT must run
             with an RSASignatureValidator of the same key and the same identity, as the node's does).
     """
+
+    averager_cls = MergeAverager  # the hivemind averager class (tests substitute a hostile one)
 
     def __init__(self, config: MergeConfig, dht, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  swarm_name: str, total_rounds: int = 0, dht_timeout_s: float = 10.0, *, private_key):
@@ -130,7 +133,7 @@ class WeightMerger:
 
     def _start_averager(self, matchmaking_s: float) -> MergeAverager:
         cfg = self.config
-        averager = MergeAverager(
+        averager = self.averager_cls(
             self.buffer, self.dht, state_fn=self._shared_state, prefix=self.prefix,
             target_group_size=cfg.merge_target_group_size or None, min_group_size=cfg.merge_min_group_size,
             min_matchmaking_time=matchmaking_s, request_timeout=min(3.0, max(1.0, matchmaking_s / 2)),
@@ -312,28 +315,28 @@ class WeightMerger:
             self.averager.shutdown()
 
     # ------------------------------------------------------------------ one round
-    def _own_gather(self) -> wire.MergeGather:
-        """This node's gather. Everything derived from peers is clamped, so only our own non-finite weights can
-        make it fail (pydantic ValidationError)."""
-        return wire.MergeGather(
+    def _encoded_gather(self) -> bytes:
+        """This node's gather, encoded. Everything derived from peers is clamped, so only our own non-finite
+        weights can make it fail (pydantic ValidationError)."""
+        return wire.encode(wire.MergeGather(
             version=wire.PROTOCOL_VERSION, mode=self.mode, fingerprint=self.fingerprint,
             sums=checksum.checksums(self.buffer, self.groups),
             anchor=self._anchor_digest() if self.mode == "diloco" else [], merges=min(self.level, wire.MAX_MERGE_LEVEL),
             priority=min(float(self.averager.state_sharing_priority), wire.MAX_MERGE_LEVEL + 1.0),
-            optimizer_step=min(self._optimizer_step(), wire.MAX_MERGE_LEVEL))
+            optimizer_step=min(self._optimizer_step(), wire.MAX_MERGE_LEVEL)))
 
     def _average_and_apply(self, window_s: float) -> MergeResult:
         self._fill_buffer()
         segment_norms = checksum.norms(self.buffer, self.groups)
         try:
-            gather = self._own_gather()
+            gather = self._encoded_gather()
         except ValidationError:
             self.stats.reject("own_weights_non_finite")
             return MergeResult("failed", detail="this node's own weights are not finite: nothing to merge")
         self.averager.reset_faults()
         control = None
         try:
-            control = self.averager.step(gather=wire.encode(gather), weight=1.0, timeout=window_s + 0.5,
+            control = self.averager.step(gather=gather, weight=1.0, timeout=window_s + 0.5,
                                          allow_retries=False, wait=False)
             gathered = control.result(timeout=window_s + self.config.merge_allreduce_timeout_s + 10)
         except (concurrent.futures.TimeoutError, TimeoutError):
@@ -438,14 +441,19 @@ class WeightMerger:
             self.optimizer.state.clear()
         elif cfg.merge_optimizer_state == "average":
             step = guard.lower_median([m.optimizer_step for m in members])
+            betas = {id(q): g.get("betas", (0.9, 0.999)) for g in self.optimizer.param_groups for q in g["params"]}
             with torch.no_grad():
                 for i, p in enumerate(self.params):
                     state = self.optimizer.state[p]
                     if "step" not in state:
                         state["step"] = torch.tensor(float(max(step, 1)))
                     exp_avg_sq = self.buffer[2 * n + i].clamp_min(0)
-                    # |exp_avg| <= sqrt(exp_avg_sq) bounds each AdamW update by about lr, whatever the group sent
-                    bound = exp_avg_sq.sqrt()
+                    # bias-corrected |m_hat| <= MOMENT_RATIO * sqrt(v_hat) bounds each AdamW update by MOMENT_RATIO
+                    # * lr, whatever the group sent (one peer's own moments keep the ratio near 1; a mean of
+                    # disagreeing peers' moments may exceed 1 a little, so the bound has headroom)
+                    beta1, beta2 = betas.get(id(p), (0.9, 0.999))
+                    t = max(float(state["step"]), 1.0)
+                    bound = exp_avg_sq.sqrt() * (MOMENT_RATIO * (1 - beta1**t) / (1 - beta2**t) ** 0.5)
                     state["exp_avg"] = torch.minimum(torch.maximum(self.buffer[n + i], -bound), bound).to(p.device)
                     state["exp_avg_sq"] = exp_avg_sq.to(p.device).clone()
 
