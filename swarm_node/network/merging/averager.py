@@ -193,6 +193,28 @@ class Instrumented:
         logging.getLogger("hivemind.averaging.averager").addFilter(_QuietNoGroup())
         super().run()
 
+    async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
+        """hivemind 1.1.12's, except that the members' claimed bandwidths are ignored: every averaging member
+        (mode NODE or AUX) reduces an equal share. hivemind sizes shares by claimed bandwidth, so one member
+        claiming a huge bandwidth would reduce (and so control) almost every part."""
+        from hivemind.averaging.averager import AveragingMode, enter_asynchronously
+
+        try:
+            _, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
+            user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_gathered_bytes)))
+            modes = tuple(map(AveragingMode, mode_ids))
+            reducers = sum(mode != AveragingMode.CLIENT for mode in modes)
+            if reducers == 0:
+                raise AllreduceException("no member of the group reduces")
+            peer_fractions = tuple(0.0 if mode == AveragingMode.CLIENT else 1.0 / reducers for mode in modes)
+            async with enter_asynchronously(self.get_tensors()) as local_tensors:
+                await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=peer_fractions, **kwargs)
+                return user_gathered
+        except BaseException as e:
+            if isinstance(e, Exception):
+                log.debug("all-reduce in group %s failed: %r", group_info.group_id, e)
+            raise AllreduceException(f"{e.__class__.__name__} in _aggregate_with_group: {e}") from e
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """hivemind 1.1.12's implementation, plus recording the runner's failure signals when it ends."""
         group_id = group_info.group_id if group_id is None else group_id

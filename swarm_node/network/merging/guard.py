@@ -40,18 +40,18 @@ from swarm_node.network.merging import checksum
 
 @torch.no_grad()
 def distance(result: Sequence[torch.Tensor], own: Iterable[torch.Tensor]) -> float:
-    """L2 distance (float64) between two tensor lists; inf when either holds a non-finite value."""
+    """L2 distance between two tensor lists (float32 per tensor, summed in float64); inf when either holds a
+    non-finite value. One pass over both, no copies (torch.dist)."""
     sq = 0.0
     for r, o in zip(result, own):
-        d = torch.linalg.vector_norm((r.detach().to(torch.float64) - o.detach().to("cpu", torch.float64)).reshape(-1))
-        sq += d.item() ** 2
+        sq += float(torch.dist(r.detach(), o.detach().to(r.device, r.dtype))) ** 2
     return math.sqrt(sq) if math.isfinite(sq) else math.inf
 
 
 @torch.no_grad()
 def norm(tensors: Iterable[torch.Tensor]) -> float:
-    """L2 norm (float64) of a tensor list; inf when it holds a non-finite value."""
-    sq = sum(torch.linalg.vector_norm(t.detach().reshape(-1), dtype=torch.float64).item() ** 2 for t in tensors)
+    """L2 norm of a tensor list (float32 per tensor, summed in float64); inf when it holds a non-finite value."""
+    sq = sum(float(torch.linalg.vector_norm(t.detach())) ** 2 for t in tensors)
     return math.sqrt(sq) if math.isfinite(sq) else math.inf
 
 
