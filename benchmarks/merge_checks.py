@@ -31,7 +31,7 @@ from rich.table import Table
 from swarm_node.network import wire
 from swarm_node.network.merging import checksum, guard, robust
 from swarm_node.network.merging.registry import MergeMember
-from swarm_node.network.merging.weights import MAX_DONORS
+from swarm_node.network.merging.state import MAX_DONORS
 
 
 def _ms(fn, repeats: int = 3) -> float:
