@@ -7,7 +7,8 @@ node's RSASignatureValidator like the rollout manifests, and accepted only when 
 the peer ID the record claims. A writer can add records only for itself; it cannot remove or change others'.
 
 A member refreshes its record every round (TTL REGISTRY_TTL_S) and sets `merging_until_s` (DHT time) while it
-looks for a group, which is what lets peers whose merge is not due join it.
+looks for a group, which is what lets peers whose merge is not due join it (a reader ignores a time further
+ahead than the longest window it would itself wait, so a record cannot claim "merging" for long).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class Member:
 class MergeRegistry:
     """Writes this node's record and reads verified records of the others."""
 
-    def __init__(self, dht, prefix: str, private_key, peer_id: str, mode: str, fingerprint: str, timeout_s: float):
+    def __init__(self, dht, prefix: str, private_key, peer_id: str, mode: str, fingerprint: str, timeout_s: float,
+                 max_merging_s: float = 600.0):
         self.dht, self.key, self.peer_id = dht, f"{prefix}.members", peer_id
+        self.max_merging_s = max_merging_s  # a `merging_until_s` further ahead than this is not believed
         self.mode, self.fingerprint, self.timeout_s = mode, fingerprint, timeout_s
         self.marker = RSASignatureValidator(private_key).local_public_key
         self.rejected = 0  # records that failed the owner or schema check
@@ -83,7 +86,8 @@ class MergeRegistry:
             if member is None:
                 self.rejected += 1
             elif member.peer_id != self.peer_id:
-                out.append(Member(member.peer_id, member.merges, member.merging_until_s > now))
+                until = member.merging_until_s
+                out.append(Member(member.peer_id, member.merges, now < until <= now + self.max_merging_s))
         return out
 
     def _check(self, subkey, value) -> MergeMember | None:

@@ -116,7 +116,7 @@ class WeightMerger(StateSharing):
         self.averager = start_in_main_thread(lambda: self._start_averager(mm))
         self.peer_key = self.averager.peer_id.to_bytes()
         self.registry = MergeRegistry(dht, self.prefix, private_key, self.averager.peer_id.to_base58(), self.mode,
-                                      self.fingerprint, dht_timeout_s)
+                                      self.fingerprint, dht_timeout_s, max_merging_s=FINAL_MERGE_WINDOW_FACTOR * mm + 1.0)
         self._set_priority()
         self.registry.announce(self.level)
         log.info("merging (%s, schedule %s) with peers of model fingerprint %s under DHT prefix %s",
