@@ -9,7 +9,8 @@ on a join or repair, up to MAX_DONORS state-metadata answers, each the first mes
 Part 2, robust aggregation (swarm_node/network/merging/robust.py) of n = 4 contributions of --robust-values values:
 honest ones are a shared anchor plus independent drift (each peer's own update, norm u); "attack" replaces one
 contribution with noise x10 of the weights' scale. For the plain mean, the coordinate-wise median, the trimmed mean
-and CenteredClip (tau = u and tau = 4u, the trust factor): ms per aggregation, and the distance of the result to
+CenteredClip (tau = u and tau = 4u, the trust factor) and the self-calibrated CenteredClip the reducers run with
+`merge_aggregation = centered_clip` (tau = 2 x the median distance to the coordinate-wise median): ms per aggregation, and the distance of the result to
 the honest peers' plain mean, relative to u (0 = exact mean).
 
 Writes benchmarks/results/merge_checks.json (with the git commit and settings) and prints tables.
@@ -89,6 +90,7 @@ def robust_quality(values: int, peers: int = 4) -> list[dict]:
         "trimmed_mean(1)": lambda x: robust.trimmed_mean(x, 1),
         "centered_clip(tau=u)": lambda x: robust.centered_clip(x, u),
         "centered_clip(tau=4u)": lambda x: robust.centered_clip(x, 4 * u),
+        "self_calibrated_clip (merge_aggregation=centered_clip)": robust.self_calibrated_clip,
     }
     rows = []
     for name, rule in rules.items():

@@ -74,10 +74,11 @@ class Heavy(WeightMerger):
 class Swarm:
     """Two honest peers (same start, a little local training each) and one attacker."""
 
-    def __init__(self, attacker_model: torch.nn.Module | None = None, attacker_cls=WeightMerger, **attacker_cfg):
+    def __init__(self, attacker_model: torch.nn.Module | None = None, attacker_cls=WeightMerger,
+                 honest_cfg: dict | None = None, **attacker_cfg):
         self.peers = start_peers(3)
         self.models = [model(seed=0), model(seed=0)]
-        self.honest = [merger(config(**FAST), p, m) for p, m in zip(self.peers, self.models)]
+        self.honest = [merger(config(**FAST, **(honest_cfg or {})), p, m) for p, m in zip(self.peers, self.models)]
         self.attacker_model = attacker_model if attacker_model is not None else model(seed=0)
         self.attacker = merger(config(**{**FAST, **attacker_cfg}), self.peers[2], self.attacker_model,
                                cls=attacker_cls)
@@ -334,3 +335,24 @@ def test_member_frozen_mid_allreduce(reap_children):
         if frozen is not None and frozen.is_running():
             os.kill(frozen.pid, signal.SIGKILL)
         shutdown(mergers[:2], peers)
+
+
+
+def test_centered_clip_keeps_honest_peers_merging_through_noise(swarm_factory):
+    """With merge_aggregation = centered_clip (every reducer clips), a noise x10 member is clipped and the
+    honest peers still merge, close to their own mean, instead of rejecting the round."""
+    noisy = model(seed=0)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 10 * p.abs().mean())
+    clip = dict(merge_aggregation="centered_clip")
+    swarm = swarm_factory(attacker_model=noisy, honest_cfg=clip, **clip)
+    assert swarm.attacker.prefix == swarm.honest[0].prefix != swarm.honest[0].prefix.replace("nonewc", "nonew")
+    honest_mean = [(a + b) / 2 for a, b in zip(weights(swarm.models[0]), weights(swarm.models[1]))]
+    spread = guard.distance(weights(swarm.models[0]), honest_mean)
+    results, before, radii = swarm.attack()
+    assert [r.outcome for r in results] == ["merged", "merged"], results
+    swarm.assert_safe(before, radii)
+    for m in swarm.models:  # the attacker moved them by about the honest spread, not by its noise
+        assert guard.distance(weights(m), honest_mean) < 2 * spread
+    swarm.assert_honest_pair_merges()  # and without it, CenteredClip is the exact mean

@@ -127,9 +127,14 @@ class GuardedAllReduceRunner(AllReduceRunner):
     peer's own parts are unchanged, so honest peers see exactly hivemind's plain mean.
     """
 
-    def __init__(self, *, expected_compression: int | None = None, **kwargs):
+    def __init__(self, *, expected_compression: int | None = None, aggregation: str = "mean", **kwargs):
         super().__init__(**kwargs)
         self.expected_compression = expected_compression
+        if aggregation == "centered_clip":  # robust.py: keep every sender's part, return CenteredClip of them
+            from swarm_node.network.merging.robust import make_clipping_reducer
+
+            self.tensor_part_reducer = make_clipping_reducer(
+                tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids))
 
     def _check_part(self, msg) -> tuple[torch.Tensor, int]:
         compression = msg.tensor_part.compression
@@ -169,6 +174,7 @@ class Instrumented:
     runner_cls: type = GuardedAllReduceRunner  # the all-reduce runner (an extension point; tests use a hostile one)
 
     def _instrument(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.aggregation = kwargs.pop("aggregation", "mean")  # merge_aggregation (reducer side)
         self.traffic = Traffic()
         # last round: values left un-averaged, senders dropped, group size; totals: rounds, rounds with a fault
         self._faults = mp.Array(ctypes.c_int64, 5)
@@ -221,7 +227,7 @@ class Instrumented:
         kwargs["weight"] = 1.0  # every member counts once (protocol v1)
         runner = self.runner_cls(
             p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
-            ordered_peer_ids=group_info.peer_ids, expected_compression=getattr(kwargs.get("compression"), "compression_type", None), **kwargs)
+            ordered_peer_ids=group_info.peer_ids, aggregation=self.aggregation, expected_compression=getattr(kwargs.get("compression"), "compression_type", None), **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         self._faults[2] = len(group_info.peer_ids)

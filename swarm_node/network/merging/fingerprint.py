@@ -43,8 +43,9 @@ def merge_prefix(swarm_name: str, fingerprint: str, mode: str, layout: str = "")
     return f"{safe_swarm}_merge_{mode}_{fingerprint[:16]}{suffix}"
 
 
-def merge_layout(compression: str, optimizer_state: str, mode: str) -> str:
-    """The group-key part of the wire layout: compression (part boundaries depend on it) and, for params and
-    diloco, whether the AdamW moments are averaged too (three times the tensors)."""
+def merge_layout(compression: str, optimizer_state: str, mode: str, aggregation: str = "mean") -> str:
+    """The group-key part of the wire layout: compression (part boundaries depend on it), for params and
+    diloco whether the AdamW moments are averaged too (three times the tensors), and the reducers' rule
+    (`c` suffix for centered_clip: members must agree on what the all-reduce computes)."""
     moments = "m" if optimizer_state == "average" and mode != "grad" else "w"
-    return f"{compression}{moments}"
+    return f"{compression}{moments}" + ("c" if aggregation == "centered_clip" and mode != "grad" else "")

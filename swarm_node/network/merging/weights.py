@@ -94,7 +94,8 @@ class WeightMerger(StateSharing):
         self.params = [p for _, p in merged_parameters(model)]
         self.fingerprint = model_fingerprint(model)
         self.prefix = merge_prefix(swarm_name, self.fingerprint, self.mode,
-                                   merge_layout(config.merge_compression, config.merge_optimizer_state, self.mode))
+                                   merge_layout(config.merge_compression, config.merge_optimizer_state, self.mode,
+                                                config.merge_aggregation))
         self.schedule = MergeSchedule(config.merge_schedule, config.merge_every_rounds, total_rounds)
         self.stats = MergeStats(self.mode)
         self.level = 0  # verified group merges behind this node's anchor (its own or a donor's); sharing priority
@@ -131,7 +132,7 @@ class WeightMerger(StateSharing):
             allreduce_timeout=cfg.merge_allreduce_timeout_s,
             next_chunk_timeout=_chunk_timeout_s(cfg),
             compression=make_compression(cfg.merge_compression), declare_state_period=DECLARE_STATE_PERIOD_S,
-            shutdown_timeout=5,
+            shutdown_timeout=5, aggregation=cfg.merge_aggregation,
         )
         averager.run_in_background(await_ready=True, timeout=60)
         return averager
@@ -328,6 +329,8 @@ class WeightMerger(StateSharing):
         expected = checksum.expected_checksums([(m.sums, 1.0) for m in members])  # every member counts once
         observed = checksum.checksums(self.buffer, self.groups)
         worst = checksum.mismatch(observed, expected, segment_norms, self.config.merge_compression)
+        if self.config.merge_aggregation == "centered_clip" and math.isfinite(worst):
+            return worst, members  # the clipped result legitimately differs from the mean: the trust region rules
         if not worst <= 1.0:
             reason = f"checksums off by {worst:.1f}x the tolerance"
             raise _RoundFailed("checksum", reason + (f"; {banned} senders dropped mid-round" if banned else ""))
