@@ -221,6 +221,10 @@ def test_robust_rules_equal_the_mean_without_outliers_and_bound_one_outlier():
         assert float((out - mean).norm()) < 3 * spread  # the 1e6 row moves it by a bounded amount
     with pytest.raises(ValueError):
         trimmed_mean(honest, 2)
+    from swarm_node.network.merging.robust import self_calibrated_clip
+
+    torch.testing.assert_close(self_calibrated_clip(honest), mean)  # nobody far off: the exact mean
+    assert float((self_calibrated_clip(attacked) - mean).norm()) < 3 * spread
 
 
 def test_compression_and_moments_are_part_of_the_group_key():
