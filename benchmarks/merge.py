@@ -15,6 +15,11 @@ that bound. On one machine all peers share the cores and the loopback device, so
 aggregate bound: all peers' bytes over the same bandwidth.
 
 Prints a table and writes benchmarks/results/merge.json.
+
+    python benchmarks/merge.py --checks [--robust-values 16000000]
+
+measures instead what issue 16's checks cost per merge and robust aggregation vs the plain mean
+(benchmarks/merge_checks.py; writes benchmarks/results/merge_checks.json).
 """
 
 from __future__ import annotations
@@ -179,8 +184,19 @@ def main() -> None:
     parser.add_argument("--compressions", nargs="+", default=["none", "fp16", "8bit"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/merge.json")
+    parser.add_argument("--checks", action="store_true", help="measure the merge checks and robust aggregation")
+    parser.add_argument("--robust-values", type=int, default=16_000_000)
     args = parser.parse_args()
     shapes = smollm2_shapes()
+    if args.checks:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from merge_checks import run
+
+        out = args.out if args.out != "benchmarks/results/merge.json" else "benchmarks/results/merge_checks.json"
+        run(shapes, out, args.robust_values)
+        return
     values = sum(torch.Size(s).numel() for _, s in shapes)
     load_before = os.getloadavg()
     tcp = tcp_bandwidth()

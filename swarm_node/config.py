@@ -300,6 +300,23 @@ class MergeConfig(_Section):
         "`reset`: clear it after every applied merge. `average`: average the AdamW moments with the group too "
         "(three times the traffic).",
     )
+    merge_aggregation: Literal["mean", "centered_clip"] = Field(
+        "mean",
+        description="params/diloco: what each reducer computes from the group's parts. `mean`: hivemind's plain "
+        "mean, verified exactly by the members' checksums. `centered_clip`: CenteredClip (Karimireddy et al. 2021; "
+        "Gorbunov et al. 2022) with a radius of twice the parts' median spread, so one far-away member is clipped; "
+        "equal to the mean when nobody is far off, checked by the trust region instead of exact checksums "
+        "(docs/merging.md). Part of the group key.",
+    )
+    merge_trust_factor: float = Field(
+        4.0, gt=0, description="Trust region of a merge: a merge result or a repair's downloaded state is adopted only "
+        "if it is finite and its L2 distance from this node's own weights (params) or pseudo-gradient (diloco) is at "
+        "most this factor times the node's largest own update since a merge over its last 8 merges (docs/merging.md).",
+    )
+    merge_trust_min_rel: float = Field(
+        0.01, ge=0, description="Floor of the merge trust region, relative to the L2 norm of the node's weights at its "
+        "last merge (what a node that has not trained since may still accept).",
+    )
     diloco_outer_lr: float = Field(0.7, gt=0, description="DiLoCo outer learning rate (0.7 in the DiLoCo paper).")
     diloco_outer_momentum: float = Field(
         0.9, ge=0, lt=1, description="DiLoCo outer Nesterov momentum (0.9 in the DiLoCo paper)."

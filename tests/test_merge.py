@@ -152,3 +152,86 @@ def test_merge_settings_have_flags_and_env():
                       environ={"SWARM_NODE_MERGE_COMPRESSION": "8bit", "SWARM_NODE_DILOCO_OUTER_LR": "0.5"})
     assert cfg.merge.merge_mode == "diloco" and cfg.merge.merge_compression == "8bit"
     assert cfg.merge.diloco_outer_lr == 0.5 and cfg.merge.diloco_outer_momentum == 0.9
+
+
+def test_checksum_mismatch_never_loses_a_nan():
+    from swarm_node.network.merging.checksum import mismatch
+
+    assert mismatch([1.0, 2.0], [1.0, 2.0], [1.0], "none") == 0.0
+    assert mismatch([math.nan, 2.0], [1.0, 2.0], [1.0], "none") == math.inf
+    assert mismatch([1.0, 2.0], [1.0, math.inf], [1.0], "none") == math.inf
+    assert mismatch([1.0, 2.0], [1.0, 2.0], [math.nan], "none") == math.inf
+    assert mismatch([1.0, 2.0, 3.0, 4.0], [1.0, 2.0], [1.0, 1.0], "none") == math.inf  # length mismatch
+
+
+def test_gather_bounds_weight_and_levels():
+    good = dict(version=[1, 0], mode="params", fingerprint="ab" * 32, sums=[1.0, -2.5])
+    assert wire.decode_merge_gather(msgpack.packb(dict(good, merges=wire.MAX_MERGE_LEVEL))).merges == wire.MAX_MERGE_LEVEL
+    for bad in (dict(good, weight=1e6), dict(good, weight=0.5), dict(good, merges=2**63 - 1),
+                dict(good, merges=wire.MAX_MERGE_LEVEL + 1), dict(good, priority=1e12), dict(good, priority=-1.0),
+                dict(good, optimizer_step=2**40)):
+        with pytest.raises(wire.WireError):
+            wire.decode_merge_gather(msgpack.packb(bad))
+
+
+def test_levels_follow_the_lower_median_and_stay_bounded():
+    from swarm_node.network.merging.guard import next_level
+
+    assert next_level([3, wire.MAX_MERGE_LEVEL]) == 4  # a pair: the lower of the two
+    assert next_level([3, 5, wire.MAX_MERGE_LEVEL]) == 6  # a minority cannot raise it
+    assert next_level([wire.MAX_MERGE_LEVEL] * 2) == wire.MAX_MERGE_LEVEL  # clamped: our next gather still builds
+
+
+def test_trust_radius_follows_own_recent_updates():
+    from swarm_node.network.merging.guard import TrustRegion
+
+    trust = TrustRegion(factor=4.0, min_rel=0.01, history=2)
+    assert trust.radius(0.0, 100.0) == pytest.approx(1.0)  # the floor
+    trust.note(2.0)
+    assert trust.radius(0.5, 100.0) == pytest.approx(8.0)  # a recent larger update counts
+    trust.note(0.1)
+    trust.note(0.1)  # history 2: the old update has aged out
+    assert trust.radius(0.5, 100.0) == pytest.approx(2.0)
+
+
+def test_a_state_needs_two_agreeing_donors_and_a_majority():
+    from swarm_node.network.merging.guard import agreeing_states
+
+    def info(x: float) -> wire.MergeStateInfo:
+        return wire.MergeStateInfo(version=(1, 0), mode="params", fingerprint="ab" * 32, merges=1, sums=[x, x])
+
+    scale = [1.0]
+    assert agreeing_states({b"a": info(1.0)}, scale, "none") == []  # one donor alone is never believed
+    assert agreeing_states({b"a": info(1.0), b"h": info(9.0)}, scale, "none") == []  # a tie
+    assert sorted(agreeing_states({b"a": info(1.0), b"b": info(1.0), b"h": info(9.0)}, scale, "none")) == [b"a", b"b"]
+    assert agreeing_states({b"a": info(1.0), b"b": info(1.0), b"h": info(9.0), b"i": info(9.0)}, scale, "none") == []
+
+
+def test_robust_rules_equal_the_mean_without_outliers_and_bound_one_outlier():
+    from swarm_node.network.merging.robust import centered_clip, trimmed_mean
+
+    torch.manual_seed(0)
+    honest = torch.randn(4, 1000) * 0.01 + 1.0
+    mean = honest.mean(dim=0)
+    spread = float((honest - mean).norm(dim=1).max())
+    torch.testing.assert_close(centered_clip(honest, tau=2 * spread), mean)
+    torch.testing.assert_close(trimmed_mean(honest, 0), mean)
+    attacked = torch.cat([honest, torch.full((1, 1000), 1e6)])
+    for out in (centered_clip(attacked, tau=2 * spread), trimmed_mean(attacked, 1)):
+        assert float((out - mean).norm()) < 3 * spread  # the 1e6 row moves it by a bounded amount
+    with pytest.raises(ValueError):
+        trimmed_mean(honest, 2)
+    from swarm_node.network.merging.robust import self_calibrated_clip
+
+    torch.testing.assert_close(self_calibrated_clip(honest), mean)  # nobody far off: the exact mean
+    assert float((self_calibrated_clip(attacked) - mean).norm()) < 3 * spread
+
+
+def test_compression_and_moments_are_part_of_the_group_key():
+    from swarm_node.network.merging.fingerprint import merge_layout
+
+    fp = "ab" * 32
+    keys = {merge_prefix("s", fp, "params", merge_layout(c, o, "params"))
+            for c in ("none", "fp16", "8bit") for o in ("keep", "average")}
+    assert len(keys) == 6 and all("." not in k for k in keys)
+    assert merge_layout("fp16", "keep", "params") == merge_layout("fp16", "reset", "params")  # same bytes on the wire

@@ -7,80 +7,25 @@ Timeouts are short (2 s matchmaking) so the suite stays fast; waits are for stat
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import signal
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 
-import swarm_node.network  # noqa: F401  (hivemind patches before any DHT exists)
-from hivemind import DHT
-
-from swarm_node.config import MergeConfig
-from swarm_node.network.merging.weights import WeightMerger
+from merge_peers import (assert_close_lists, config, kill_peer, maddrs, merge_all, merger, model, shutdown,
+                         start_peers, wait_visible, weights)
 
 pytestmark = pytest.mark.slow
 
-
-def model(width: int = 256, layers: int = 2, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
-
-
-def weights(m: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in m.parameters()]
-
-
-def start_dhts(n: int, initial_peers: list[str] | None = None) -> list[DHT]:
-    dhts = []
-    for _ in range(n):
-        peers = initial_peers or ([str(a) for a in dhts[0].get_visible_maddrs()] if dhts else None)
-        dhts.append(DHT(start=True, initial_peers=peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
-    return dhts
-
-
-def config(**overrides) -> MergeConfig:
-    base = dict(merge_mode="params", merge_compression="none", merge_matchmaking_timeout_s=3.0,
-                merge_allreduce_timeout_s=6.0, merge_state_load_timeout_s=20.0, merge_target_group_size=3)
-    return MergeConfig(**{**base, **overrides})
-
-
-def merger(cfg: MergeConfig, dht: DHT, m: torch.nn.Module) -> WeightMerger:
-    return WeightMerger(cfg, dht, m, torch.optim.AdamW(m.parameters()), "test")
-
-
-def wait_visible(mergers: list[WeightMerger], timeout_s: float = 30) -> None:
-    """Wait until every merger sees another same-model averager in the DHT (they announce themselves on start)."""
-    deadline = time.monotonic() + timeout_s
-    while not all(mg._others_online() for mg in mergers):
-        assert time.monotonic() < deadline, "averagers did not see each other in the DHT"
-        time.sleep(0.2)
-
-
-def merge_all(mergers: list[WeightMerger]) -> list:
-    with concurrent.futures.ThreadPoolExecutor(len(mergers)) as pool:
-        return list(pool.map(lambda mg: mg.merge(), mergers))
-
-
-def shutdown(mergers, dhts) -> None:
-    with concurrent.futures.ThreadPoolExecutor(max(1, len(dhts))) as pool:
-        list(pool.map(lambda mg: mg.shutdown(), mergers))
-        list(pool.map(lambda dht: dht.shutdown(), dhts))
-
-
-def assert_close_lists(a, b, atol):
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+DIFFERENT_SEEDS = dict(merge_trust_min_rel=2.0)  # peers with unrelated random weights: a trust region that admits them
 
 
 def test_three_peers_with_different_weights_merge_to_the_mean(reap_children):
-    dhts = start_dhts(3)
+    dhts = start_peers(3)
     models = [model(seed=s) for s in range(3)]
-    mergers = [merger(config(), d, m) for d, m in zip(dhts, models)]
-    wait_visible(mergers)
+    mergers = [merger(config(**DIFFERENT_SEEDS), d, m) for d, m in zip(dhts, models)]
+    wait_visible(mergers, count=2)
     try:
         mean = [sum(ts) / 3 for ts in zip(*(weights(m) for m in models))]
         results = merge_all(mergers)
@@ -99,7 +44,7 @@ def test_three_peers_with_different_weights_merge_to_the_mean(reap_children):
 
 def test_diloco_round_matches_a_hand_computed_reference(reap_children):
     lr, mu = 0.7, 0.9
-    dhts = start_dhts(3)
+    dhts = start_peers(3)
     models = [model(seed=0) for _ in range(3)]  # one shared starting point (the anchor)
     mergers = [merger(config(merge_mode="diloco", diloco_outer_lr=lr, diloco_outer_momentum=mu), d, m)
                for d, m in zip(dhts, models)]
@@ -123,23 +68,11 @@ def test_diloco_round_matches_a_hand_computed_reference(reap_children):
         shutdown(mergers, dhts)
 
 
-def kill_peer(dht: DHT, mg: WeightMerger) -> None:
-    """SIGKILL a peer's averager, DHT process and p2pd: the machine is gone."""
-    victims = [psutil.Process(mg.averager.pid), psutil.Process(dht.pid)]
-    victims += psutil.Process(dht.pid).children(recursive=True)
-    for proc in victims:
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    psutil.wait_procs(victims, timeout=5)
-
-
 def test_peer_killed_during_averaging_survivors_detect_repair_and_keep_merging(reap_children):
-    dhts = start_dhts(3)
+    dhts = start_peers(3)
     models = [model(width=1024, layers=6, seed=s) for s in range(3)]  # 6.3M values: the all-reduce takes a while
-    mergers = [merger(config(), d, m) for d, m in zip(dhts, models)]
-    wait_visible(mergers)
+    mergers = [merger(config(**DIFFERENT_SEEDS), d, m) for d, m in zip(dhts, models)]
+    wait_visible(mergers, count=2)
     victim_thread = None
     try:
         before = [weights(m) for m in models]
@@ -181,17 +114,17 @@ def test_peer_killed_during_averaging_survivors_detect_repair_and_keep_merging(r
 
 
 def test_late_joiner_loads_the_groups_state(reap_children):
-    dhts = start_dhts(2)
+    dhts = start_peers(2)
     models = [model(seed=s) for s in range(2)]
-    mergers = [merger(config(), d, m) for d, m in zip(dhts, models)]  # target 3: the pair waits out the window
+    mergers = [merger(config(**DIFFERENT_SEEDS), d, m) for d, m in zip(dhts, models)]  # target 3: waits the window
     wait_visible(mergers)
     late_dht = late = None
     try:
         assert [r.outcome for r in merge_all(mergers)] == ["merged", "merged"]
         group = weights(models[0])
-        late_dht = start_dhts(1, [str(a) for a in dhts[1].get_visible_maddrs()])[0]
+        late_dht = start_peers(1, maddrs(dhts[1]))[0]
         late_model = model(seed=7)
-        late = merger(config(), late_dht, late_model)
+        late = merger(config(**DIFFERENT_SEEDS), late_dht, late_model)
         wait_visible([late])
         assert late.join(completed_rounds=0)
         assert_close_lists(weights(late_model), group, atol=0)  # the state download is lossless
@@ -216,7 +149,7 @@ def test_late_joiner_loads_the_groups_state(reap_children):
 
 
 def test_optimizer_moments_are_averaged_with_the_weights(reap_children):
-    dhts = start_dhts(2)
+    dhts = start_peers(2)
     models = [model(seed=s) for s in range(2)]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
     for i, (m, opt) in enumerate(zip(models, optimizers)):  # a few local steps give each peer its own moments
@@ -224,8 +157,8 @@ def test_optimizer_moments_are_averaged_with_the_weights(reap_children):
             opt.zero_grad()
             m(torch.randn(4, 256)).pow(2).mean().backward()
             opt.step()
-    cfg = config(merge_optimizer_state="average", merge_target_group_size=2)
-    mergers = [WeightMerger(cfg, d, m, opt, "test") for d, m, opt in zip(dhts, models, optimizers)]
+    cfg = config(merge_optimizer_state="average", merge_target_group_size=2, **DIFFERENT_SEEDS)
+    mergers = [merger(cfg, d, m, opt) for d, m, opt in zip(dhts, models, optimizers)]
     wait_visible(mergers)
     try:
         mean = [(a + b) / 2 for a, b in zip(weights(models[0]), weights(models[1]))]
@@ -258,11 +191,11 @@ def test_grad_mode_peers_take_the_same_steps_from_averaged_gradients(reap_childr
 
     from swarm_node.network.merging.grad import GradMerger
 
-    dhts = start_dhts(2)
+    dhts = start_peers(2)
     models = [model(width=64, seed=0) for _ in range(2)]  # one model trained together: same start
     trainers = [_TrainerStub(m) for m in models]
     cfg = config(merge_mode="grad", merge_target_group_size=2, grad_target_batch_size=16)
-    mergers = [GradMerger(cfg, d, m, t, "test", RSAPrivateKey()) for d, m, t in zip(dhts, models, trainers)]
+    mergers = [GradMerger(cfg, d.dht, m, t, "test", d.key) for d, m, t in zip(dhts, models, trainers)]
     try:
         start = weights(models[0])
         barrier = threading.Barrier(2)

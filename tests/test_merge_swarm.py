@@ -15,7 +15,9 @@ FLAGS = ["--num-local-groups", "2", "--num-completions", "3", "--max-new-tokens"
          "--no-filter-zero-advantage", "--collect-timeout-s", "5", "--fetch-timeout-s", "3",
          "--checkpoint-every-rounds", "0", "--torch-threads", "1", "--rounds", "3", "--linger-s", "120",
          "--min-peers", "2", "--merge-mode", "params", "--merge-every-rounds", "1", "--merge-compression", "none",
-         "--merge-matchmaking-timeout-s", "5", "--merge-target-group-size", "2", "--merge-allreduce-timeout-s", "20"]
+         "--merge-matchmaking-timeout-s", "5", "--merge-target-group-size", "2", "--merge-allreduce-timeout-s", "20",
+         # the tiny peers start from other random weights (other seeds): a trust region that admits their mean
+         "--merge-trust-min-rel", "2.0"]
 
 
 def other_model_dir(path):

@@ -217,36 +217,44 @@ def _pairs(v: list[float]) -> list[float]:
 Checksums = Annotated[list[FiniteFloat], Field(min_length=2, max_length=2 * MAX_MERGE_SEGMENTS), AfterValidator(_pairs)]
 
 
+MAX_MERGE_LEVEL = 2**31 - 1  # merge levels and optimizer steps a peer may announce (a receiver clamps what it derives)
+MergeLevel = Annotated[StrictInt, Field(ge=0, le=MAX_MERGE_LEVEL)]
+
+
 class MergeGather(_Message):
     """A peer's contribution to one averaging round, sent to every group member before the all-reduce.
 
     `sums` holds two float64 linear checksums per segment of the averaged tensors (the plain sum and the
-    alternating-sign sum, flattened as [s0, a0, s1, a1, ...]); the mean of the members' sums, weighted by
-    `weight`, is what every member's averaged tensors must sum to. `anchor` is the (sum, L2 norm) of the
-    weights at the last sync (diloco only). `priority` is the peer's state-sharing priority (verified merges
-    plus a tie-breaker), `optimizer_step` its AdamW step count.
+    alternating-sign sum, flattened as [s0, a0, s1, a1, ...]); the plain mean of the members' sums is what every
+    member's averaged tensors must sum to. `weight` is fixed at 1.0: every member counts once (a receiver also
+    forces weight 1 in the all-reduce itself, whatever a sender puts in its tensor parts). `anchor` is the
+    (sum, L2 norm) of the weights at the last sync (diloco only). `merges` is the peer's merge level and
+    `priority` its state-sharing priority (level plus a tie-breaker below 0.5): both are claims, used only for
+    logging and as a bounded hint (a receiver takes the lower median of the group's levels, see
+    protocols/PROTOCOL.md), never to choose whose state to adopt. `optimizer_step` is its AdamW step count.
     """
 
     mode: Name
     fingerprint: Fingerprint
     sums: Checksums
-    weight: Annotated[FiniteFloat, Field(gt=0, le=1e6)] = 1.0
+    weight: Annotated[FiniteFloat, Field(ge=1.0, le=1.0)] = 1.0
     anchor: Annotated[list[FiniteFloat], Field(max_length=2)] = []
-    merges: NonNegInt = 0
-    priority: FiniteFloat = 0.0
-    optimizer_step: NonNegInt = 0
+    merges: MergeLevel = 0
+    priority: Annotated[FiniteFloat, Field(ge=0, le=MAX_MERGE_LEVEL + 1)] = 0.0
+    optimizer_step: MergeLevel = 0
 
 
 class MergeStateInfo(_Message):
     """Metadata of a peer's shared state (the weights at its last verified merge, plus the DiLoCo momentum).
 
     `sums` are the checksums (as in MergeGather) of the tensors that follow it, so the downloader can check
-    that it received what the peer meant to send.
+    that it received what the peer meant to send, and can compare donors' states before downloading one
+    (a state is adopted only when a majority of the donors asked agree on its checksums).
     """
 
     mode: Name
     fingerprint: Fingerprint
-    merges: NonNegInt
+    merges: MergeLevel
     sums: Checksums
 
 

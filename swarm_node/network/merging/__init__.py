@@ -2,6 +2,8 @@
 
 - `fingerprint`: the model fingerprint and the DHT prefix that keeps other models out of our groups.
 - `schedule`: when params/diloco merges happen (every_k, late, off).
+- `guard`: the trust region, level and donor rules and strikes: what is checked before anything is adopted.
+- `registry`: the signed registry of a merge group's members (who is online, who is merging now).
 - `checksum`: linear checksums exchanged in each round's gather, and the check of the result against them.
 - `averager`: hivemind's DecentralizedAverager with byte counters, failure signals and a chosen shared state.
 - `weights`: `WeightMerger`, one verified merge (or a quick skip) per scheduled round, repairs, state loading.
@@ -43,4 +45,4 @@ def create_merger(config: NodeConfig, dht, policy, trainer, private_key) -> Any:
     from swarm_node.network.merging.weights import WeightMerger
 
     return WeightMerger(config.merge, dht, policy.model, trainer.optimizer, config.network.swarm_name,
-                        config.rounds, config.network.dht_timeout_s)
+                        config.rounds, config.network.dht_timeout_s, private_key=private_key)

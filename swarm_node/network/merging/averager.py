@@ -8,6 +8,9 @@
 - **Failure signals.** hivemind 1.1.12 can finish a round "successfully" after a peer died: the parts that
   peer should have averaged fall back to this peer's own values (`failed_size`), and senders that stopped
   mid-round are left out of the parts they did not send (`banned_senders`). Both are recorded per round.
+- **A guarded reducer** (`GuardedAllReduceRunner`): as a reducer, every sender counts with weight 1 whatever
+  weight its parts claim, and a sender whose part has another compression than this group's, or holds a
+  non-finite value, is dropped from the round at once (hivemind would average it with the claimed weight).
 - **State.** Peers that download this peer's state (`load_state_from_peers`) get what `state_fn` returns (the
   weights at the last verified merge), not the tensors being averaged right now.
 
@@ -17,6 +20,7 @@ Averagers are created with `start_in_main_thread`: hivemind requires the main th
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import multiprocessing as mp
@@ -31,9 +35,19 @@ from hivemind.compression import CompressionBase, CompressionInfo, Float16Compre
 from hivemind.compression.quantization import Uniform8BitQuantization
 from hivemind.proto import runtime_pb2
 from hivemind.utils import get_dht_time
-from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.averaging.partition import BannedException
+import hivemind.averaging.allreduce as _allreduce_module
+import hivemind.averaging.averager as _averager_module
+from hivemind.proto import averaging_pb2
+from hivemind.p2p import PeerID
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.streaming import combine_from_streaming
 
 log = logging.getLogger(__name__)
+
+
+RPC_SERVICE = "SwarmMergeV1"  # service part of the averaging RPC names (protocols/PROTOCOL.md, merge section)
 
 
 def make_compression(name: str) -> CompressionBase:
@@ -104,13 +118,63 @@ def _count_tensor_traffic(traffic: Traffic) -> None:
     averager.deserialize_torch_tensor = counted_deserialize
 
 
+class GuardedAllReduceRunner(AllReduceRunner):
+    """hivemind 1.1.12's AllReduceRunner whose reducer side trusts no sender's claims.
+
+    `_accumulate_parts_streaming` is hivemind's, except: the weight is 1.0 for every sender (the protocol fixes
+    it, docs/merging.md), and a part is refused (the sender is dropped from the round, hivemind's ban) when its
+    compression differs from `expected_compression` or it decodes to a non-finite value. Outputs of this
+    peer's own parts are unchanged, so honest peers see exactly hivemind's plain mean.
+    """
+
+    def __init__(self, *, expected_compression: int | None = None, aggregation: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        self.expected_compression = expected_compression
+        if aggregation == "centered_clip":  # robust.py: keep every sender's part, return CenteredClip of them
+            from swarm_node.network.merging.robust import make_clipping_reducer
+
+            self.tensor_part_reducer = make_clipping_reducer(
+                tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids))
+
+    def _check_part(self, msg) -> tuple[torch.Tensor, int]:
+        compression = msg.tensor_part.compression
+        if self.expected_compression is not None and compression != self.expected_compression:
+            raise AllreduceException(f"part compressed with {compression}, the group uses {self.expected_compression}")
+        part = _allreduce_module.deserialize_torch_tensor(msg.tensor_part)  # looked up late: counted (bytes)
+        if not torch.isfinite(part).all():
+            raise AllreduceException("part holds non-finite values")
+        return part, compression
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, part_compression in amap_in_executor(
+                self._check_part, stream, max_prefetch=self.tensor_part_container.prefetch
+            ):
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=1.0)
+                    part_index += 1
+                except BannedException:
+                    break
+                serialized_delta = await loop.run_in_executor(
+                    None, lambda: _allreduce_module.serialize_torch_tensor(averaged_part - tensor_part, part_compression))
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized_delta)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
 class Instrumented:
     """Mixin for hivemind averager classes (DecentralizedAverager and its subclasses): byte counters, per-round
     failure signals and quiet "no group" logs. Call `_instrument(kwargs)` before the class's own __init__."""
 
     traffic: Traffic
+    runner_cls: type = GuardedAllReduceRunner  # the all-reduce runner (an extension point; tests use a hostile one)
 
     def _instrument(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.aggregation = kwargs.pop("aggregation", "mean")  # merge_aggregation (reducer side)
         self.traffic = Traffic()
         # last round: values left un-averaged, senders dropped, group size; totals: rounds, rounds with a fault
         self._faults = mp.Array(ctypes.c_int64, 5)
@@ -135,11 +199,35 @@ class Instrumented:
         logging.getLogger("hivemind.averaging.averager").addFilter(_QuietNoGroup())
         super().run()
 
+    async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
+        """hivemind 1.1.12's, except that the members' claimed bandwidths are ignored: every averaging member
+        (mode NODE or AUX) reduces an equal share. hivemind sizes shares by claimed bandwidth, so one member
+        claiming a huge bandwidth would reduce (and so control) almost every part."""
+        from hivemind.averaging.averager import AveragingMode, enter_asynchronously
+
+        try:
+            _, mode_ids, user_gathered_bytes = zip(*map(self.serializer.loads, group_info.gathered))
+            user_gathered = dict(zip(group_info.peer_ids, map(self.serializer.loads, user_gathered_bytes)))
+            modes = tuple(map(AveragingMode, mode_ids))
+            reducers = sum(mode != AveragingMode.CLIENT for mode in modes)
+            if reducers == 0:
+                raise AllreduceException("no member of the group reduces")
+            peer_fractions = tuple(0.0 if mode == AveragingMode.CLIENT else 1.0 / reducers for mode in modes)
+            async with enter_asynchronously(self.get_tensors()) as local_tensors:
+                await self._run_allreduce_inplace_(local_tensors, group_info, peer_fractions=peer_fractions, **kwargs)
+                return user_gathered
+        except BaseException as e:
+            if isinstance(e, Exception):
+                log.debug("all-reduce in group %s failed: %r", group_info.group_id, e)
+            raise AllreduceException(f"{e.__class__.__name__} in _aggregate_with_group: {e}") from e
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """hivemind 1.1.12's implementation, plus recording the runner's failure signals when it ends."""
         group_id = group_info.group_id if group_id is None else group_id
-        runner = AllReduceRunner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-                                 group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        kwargs["weight"] = 1.0  # every member counts once (protocol v1)
+        runner = self.runner_cls(
+            p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors, group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids, aggregation=self.aggregation, expected_compression=getattr(kwargs.get("compression"), "compression_type", None), **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         self._faults[2] = len(group_info.peer_ids)
@@ -174,9 +262,81 @@ class MergeAverager(Instrumented, DecentralizedAverager):
         self._state_fn = state_fn
         super().__init__(tensors, dht, start=False, **self._instrument(kwargs))
 
+    @classmethod
+    def _get_handle_name(cls, namespace, method_name: str) -> str:
+        """libp2p handler names: `{prefix}::SwarmMergeV1.{method}`. hivemind uses the Python class name, which
+        would make any subclass (or another implementation) unreachable; the protocol fixes the name instead."""
+        name = f"{RPC_SERVICE}.{method_name}"
+        return f"{namespace}::{name}" if namespace is not None else name
+
     def get_current_state(self):
         metadata, tensors = self._state_fn()
         return metadata, tensors, None
+
+    # State downloads from chosen donors (instead of hivemind's "highest claimed priority" choice).
+    def fetch_state_infos(self, peers: Sequence[str], timeout: float) -> dict[str, bytes]:
+        """Ask each donor (base58 peer IDs) for its state's metadata only (the first message of its state stream,
+        then the stream is closed). Returns {peer: metadata bytes} for those that answered in time."""
+        future = MPFuture()
+        self._outer_pipe.send(("_fetch_state_infos", [], dict(peers=list(peers), timeout=timeout, future=future)))
+        return future.result(timeout=timeout + 5)
+
+    def download_state(self, peer: str, timeout: float) -> tuple[bytes, list[torch.Tensor]] | None:
+        """Download one donor's whole state: (metadata bytes, tensors), or None if it failed or sent none."""
+        future = MPFuture()
+        self._outer_pipe.send(("_download_state", [], dict(peer=peer, timeout=timeout, future=future)))
+        return future.result(timeout=timeout + 5)
+
+    async def _open_state_stream(self, peer: str):
+        stub = self.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.prefix)
+        return await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+
+    async def _fetch_state_infos(self, future, peers: list[str], timeout: float) -> None:
+        async def first_metadata(peer: str):
+            stream = await self._open_state_stream(peer)
+            try:
+                async for message in stream:
+                    return self.serializer.loads(message.metadata) if message.metadata else None
+            finally:
+                await stream.aclose()
+
+        async def guarded(peer: str):
+            try:
+                return await asyncio.wait_for(first_metadata(peer), timeout)
+            except Exception as e:
+                log.debug("no state metadata from %s: %r", peer, e)
+                return None
+
+        try:
+            results = await asyncio.gather(*(guarded(p) for p in peers))
+            future.set_result({p: r for p, r in zip(peers, results) if isinstance(r, bytes)})
+        except BaseException as e:
+            if not future.done():
+                future.set_result({})
+            if not isinstance(e, Exception):
+                raise
+
+    async def _download_state(self, future, peer: str, timeout: float) -> None:
+        try:
+            async def whole():
+                stream = await self._open_state_stream(peer)
+                metadata, parts, tensors = None, [], []
+                async for message in aiter_with_timeout(stream, timeout=timeout):
+                    if message.metadata:
+                        metadata = self.serializer.loads(message.metadata)
+                    if message.tensor_part.dtype and parts:
+                        tensors.append(_averager_module.deserialize_torch_tensor(combine_from_streaming(parts)))
+                        parts = []
+                    parts.append(message.tensor_part)
+                if parts:
+                    tensors.append(_averager_module.deserialize_torch_tensor(combine_from_streaming(parts)))
+                return (metadata, tensors) if isinstance(metadata, bytes) else None
+
+            future.set_result(await asyncio.wait_for(whole(), timeout))
+        except Exception as e:
+            log.debug("state download from %s failed: %r", peer, e)
+            if not future.done():
+                future.set_result(None)
 
 
 def start_in_main_thread(factory: Callable[[], Any]) -> Any:

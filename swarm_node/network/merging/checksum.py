@@ -21,6 +21,7 @@ result from a peer).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -64,7 +65,8 @@ def norms(tensors: Sequence[torch.Tensor], groups: list[list[int]]) -> list[floa
 
 
 def expected_checksums(members: Sequence[tuple[list[float], float]]) -> list[float]:
-    """Weighted mean of the members' checksums: what the group mean's checksums must be. members: (sums, weight)."""
+    """Weighted mean of the members' checksums: what the group mean's checksums must be. members: (sums, weight).
+    Every weight is 1 in protocol v1 (MergeGather.weight), so this is the plain mean."""
     total_weight = sum(w for _, w in members)
     length = len(members[0][0])
     assert all(len(s) == length for s, _ in members), "members' checksums differ in length"
@@ -73,10 +75,18 @@ def expected_checksums(members: Sequence[tuple[list[float], float]]) -> list[flo
 
 def mismatch(observed: Sequence[float], expected: Sequence[float], segment_norms: Sequence[float],
              compression: str) -> float:
-    """Worst |observed - expected| over the tolerance across segments; <= 1 means the merge checks out."""
+    """Worst |observed - expected| over the tolerance across segments; <= 1 means the merge checks out.
+
+    Any non-finite value (a NaN or inf in the result, the expectation or a norm) gives inf: NaN compares false
+    with everything, so a plain max() would silently drop it and pass the merge (issue 16)."""
+    if len(observed) != len(expected) or len(segment_norms) * 2 < len(observed):
+        return math.inf
     rel = REL_TOL[compression]
     worst = 0.0
     for k, (o, e) in enumerate(zip(observed, expected)):
         tol = rel * segment_norms[k // 2] + 1e-9
-        worst = max(worst, abs(o - e) / tol)
+        ratio = abs(o - e) / tol
+        if not math.isfinite(ratio):
+            return math.inf
+        worst = max(worst, ratio)
     return worst

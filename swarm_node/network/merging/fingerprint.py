@@ -31,10 +31,21 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
 
-def merge_prefix(swarm_name: str, fingerprint: str, mode: str) -> str:
-    """DHT prefix of the averaging groups: one per (swarm, model, merge mode). hivemind forbids '.' in it.
+def merge_prefix(swarm_name: str, fingerprint: str, mode: str, layout: str = "") -> str:
+    """DHT prefix of the averaging groups: one per (swarm, model, merge mode, tensor layout). hivemind forbids '.'.
 
     The mode is part of it because params, diloco and grad peers average different tensors (and grad mode
-    uses hivemind.Optimizer's own keys below this prefix)."""
+    uses hivemind.Optimizer's own keys below this prefix). `layout` (see `merge_layout`) holds every setting
+    that changes the bytes on the wire: peers that disagree on it would meet, split the tensors into parts
+    differently and stall the all-reduce until its timeouts (issue 16), so they must never meet."""
     safe_swarm = "".join(c if c.isalnum() or c in "-_" else "_" for c in swarm_name)
-    return f"{safe_swarm}_merge_{mode}_{fingerprint[:16]}"
+    suffix = f"_{layout}" if layout else ""
+    return f"{safe_swarm}_merge_{mode}_{fingerprint[:16]}{suffix}"
+
+
+def merge_layout(compression: str, optimizer_state: str, mode: str, aggregation: str = "mean") -> str:
+    """The group-key part of the wire layout: compression (part boundaries depend on it), for params and
+    diloco whether the AdamW moments are averaged too (three times the tensors), and the reducers' rule
+    (`c` suffix for centered_clip: members must agree on what the all-reduce computes)."""
+    moments = "m" if optimizer_state == "average" and mode != "grad" else "w"
+    return f"{compression}{moments}" + ("c" if aggregation == "centered_clip" and mode != "grad" else "")

@@ -30,7 +30,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 
 from swarm_node.config import MergeConfig
 from swarm_node.network.merging.averager import Instrumented, make_compression, start_in_main_thread
-from swarm_node.network.merging.fingerprint import merge_prefix, model_fingerprint
+from swarm_node.network.merging.fingerprint import merge_layout, merge_prefix, model_fingerprint
 from swarm_node.network.merging.stats import MergeResult, MergeStats
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class GradMerger:
                  private_key, dht_timeout_s: float = 10.0):
         self.config, self.trainer = config, trainer
         self.fingerprint = model_fingerprint(model)
-        self.prefix = merge_prefix(swarm_name, self.fingerprint, "grad")
+        self.prefix = merge_prefix(swarm_name, self.fingerprint, "grad",
+                                   merge_layout(config.merge_compression, config.merge_optimizer_state, "grad"))
         self.stats = MergeStats("grad")
         mm = config.merge_matchmaking_timeout_s
         compression = make_compression(config.merge_compression)

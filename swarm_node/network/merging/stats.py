@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
@@ -38,6 +39,12 @@ class MergeStats:
     skipped: int = 0         # alone or no group
     state_loads: int = 0     # states downloaded from peers (start-up and repairs)
     last: MergeResult | None = None
+    # merge results and states rejected before touching the model, by reason (guard.py, weights.py): bad_gather,
+    # unaveraged, checksum, non_finite, trust_region, anchor, bad_state_info, bad_state, no_state_majority, ...
+    rejected: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
 
     def record(self, result: MergeResult, failed_rounds: int) -> None:
         self.last = result
@@ -64,6 +71,7 @@ class MergeStats:
             "merge_repairs": self.repairs,
             "merges_skipped": self.skipped,
             "merge_state_loads": self.state_loads,
+            "merge_rejected": dict(self.rejected),
             "merge_bytes_out": bytes_sent,
             "merge_bytes_in": bytes_received,
             "merge_checksum": checksum,

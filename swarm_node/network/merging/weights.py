@@ -6,19 +6,22 @@ One scheduled merge, run on the node's torch thread after the round's training s
 2. **Alone?** If the DHT lists no other same-model averager, skip at once (logged once, counted).
 3. **Average** with a group (min size, target size, matchmaking window, all-reduce deadline), sending a
    `MergeGather` (linear checksums of the buffer) that every member receives.
-4. **Verify** (checksum.py): hivemind reported no un-averaged parts, every member's gather decodes and has our
-   fingerprint and mode, and our result's checksums equal the weighted mean of the members' checksums.
+4. **Verify** (checksum.py, guard.py): hivemind reported no un-averaged parts, every member's gather decodes and
+   has our fingerprint and mode, our result's checksums equal the mean of the members' checksums (any NaN
+   fails), and the result is finite and within the trust region of our own contribution (guard.py). A
+   rejected round keeps our weights, is counted by reason and strikes the members it can be blamed on.
 5. **Apply** only a verified result: params copy the mean into the model; diloco takes the outer Nesterov
    step (learning/diloco.py) from the anchor and sets the model to the new anchor. The model is untouched
    until then, so a failed round leaves each peer with its own, self-consistent weights.
 6. **Repair** a failed round: average once more (the other members of a broken round fail too and do the
-   same, so they meet again), else download the state of the peer with the most verified merges.
+   same, so they meet again), else download the state that a majority of the online members agree on, if it
+   lies within the trust region (guard.py).
 
 Shared state (what late joiners and repairs download): the weights at this peer's last verified merge (the
 "anchor"), plus the DiLoCo outer momentum, with a `MergeStateInfo` carrying their checksums. A peer's state
-sharing priority is its merge level (the most verified group merges behind its anchor: one more than the
-highest level in its last group, or its donor's level after a download) plus a per-peer tie-breaker below
-0.5, so downloads go to the most up-to-date peer.
+sharing priority is its merge level (one more than the lower median of the levels in its last group, or its
+donors' lower median after a download) plus a per-peer tie-breaker below 0.5. Levels and priorities are
+claims: they are bounded and logged, never used to choose whose state to adopt (guard.py).
 
 Optimizer state (merge_optimizer_state): `keep` leaves AdamW's moments as they are (DiLoCo keeps its inner
 optimizer state); `reset` clears them after every applied merge or state load; `average` averages the
@@ -31,19 +34,23 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
+import math
 import threading
 import time
 from typing import Any
 
 import torch
 from hivemind.averaging.allreduce import AllreduceException
+from pydantic import ValidationError
 
 from swarm_node.config import MergeConfig
 from swarm_node.learning.diloco import nesterov_outer_step, pseudo_gradient
 from swarm_node.network import wire
-from swarm_node.network.merging import checksum
+from swarm_node.network.merging import checksum, guard
 from swarm_node.network.merging.averager import MergeAverager, make_compression, start_in_main_thread
-from swarm_node.network.merging.fingerprint import merge_prefix, merged_parameters, model_fingerprint
+from swarm_node.network.merging.fingerprint import merge_layout, merge_prefix, merged_parameters, model_fingerprint
+from swarm_node.network.merging.registry import MergeRegistry
+from swarm_node.network.merging.state import StateSharing, _RoundFailed
 from swarm_node.network.merging.schedule import MergeSchedule
 from swarm_node.network.merging.stats import MergeResult, MergeStats
 
@@ -51,6 +58,7 @@ log = logging.getLogger(__name__)
 
 FINAL_MERGE_WINDOW_FACTOR = 3.0  # the last merge of a `late` run waits longer for every peer
 DECLARE_STATE_PERIOD_S = 10.0  # how often an averager re-announces itself as a state donor (and how stale that is)
+MOMENT_RATIO = 10.0  # averaged AdamW moments: |exp_avg_hat| is clamped to this times sqrt(exp_avg_sq_hat)
 
 
 def _tie_breaker(peer_id: bytes) -> float:
@@ -62,11 +70,7 @@ def _chunk_timeout_s(config: MergeConfig) -> float:
     return max(1.0, config.merge_allreduce_timeout_s / 6)
 
 
-class _RoundFailed(Exception):
-    """A merge round that cannot be applied; `reason` says why (logged, counted, then repaired)."""
-
-
-class WeightMerger:
+class WeightMerger(StateSharing):
     """Merges a model's weights with same-model peers (`params` or `diloco`). Create in the main thread.
 
     Args:
@@ -76,21 +80,30 @@ class WeightMerger:
         optimizer: the node's AdamW (for merge_optimizer_state).
         swarm_name: namespace of the DHT keys.
         total_rounds: the run's length (0 = open-ended), for the `late` schedule.
+        private_key: the node's identity key (signs this node's record in the merge registry; the DHT must run
+            with an RSASignatureValidator of the same key and the same identity, as the node's does).
     """
 
+    averager_cls = MergeAverager  # the hivemind averager class (tests substitute a hostile one)
+
     def __init__(self, config: MergeConfig, dht, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 swarm_name: str, total_rounds: int = 0, dht_timeout_s: float = 10.0):
+                 swarm_name: str, total_rounds: int = 0, dht_timeout_s: float = 10.0, *, private_key):
         assert config.merge_mode in ("params", "diloco"), config.merge_mode
         self.config, self.mode, self.dht = config, config.merge_mode, dht
         self.optimizer, self.dht_timeout_s = optimizer, dht_timeout_s
         self.params = [p for _, p in merged_parameters(model)]
         self.fingerprint = model_fingerprint(model)
-        self.prefix = merge_prefix(swarm_name, self.fingerprint, self.mode)
+        self.prefix = merge_prefix(swarm_name, self.fingerprint, self.mode,
+                                   merge_layout(config.merge_compression, config.merge_optimizer_state, self.mode,
+                                                config.merge_aggregation))
         self.schedule = MergeSchedule(config.merge_schedule, config.merge_every_rounds, total_rounds)
         self.stats = MergeStats(self.mode)
         self.level = 0  # verified group merges behind this node's anchor (its own or a donor's); sharing priority
         self.rounds_since_merge = 0  # rounds since the last merge attempt with peers, or since joining
         self._lock = threading.Lock()  # guards the anchor/momentum against concurrent state downloads
+        self._update_norm = 0.0  # ||own contribution - anchor|| at the current merge (guard.TrustRegion's u)
+        self.trust = guard.TrustRegion(config.merge_trust_factor, config.merge_trust_min_rel)
+        self.strikes = guard.Strikes()
         self._alone_logged = False
         with torch.no_grad():
             self.anchor = [p.detach().to("cpu", torch.float32).clone() for p in self.params]
@@ -103,20 +116,23 @@ class WeightMerger:
         mm = config.merge_matchmaking_timeout_s
         self.averager = start_in_main_thread(lambda: self._start_averager(mm))
         self.peer_key = self.averager.peer_id.to_bytes()
+        self.registry = MergeRegistry(dht, self.prefix, private_key, self.averager.peer_id.to_base58(), self.mode,
+                                      self.fingerprint, dht_timeout_s, max_merging_s=FINAL_MERGE_WINDOW_FACTOR * mm + 1.0)
         self._set_priority()
+        self.registry.announce(self.level)
         log.info("merging (%s, schedule %s) with peers of model fingerprint %s under DHT prefix %s",
                  self.mode, config.merge_schedule, self.fingerprint[:12], self.prefix)
 
     def _start_averager(self, matchmaking_s: float) -> MergeAverager:
         cfg = self.config
-        averager = MergeAverager(
+        averager = self.averager_cls(
             self.buffer, self.dht, state_fn=self._shared_state, prefix=self.prefix,
             target_group_size=cfg.merge_target_group_size or None, min_group_size=cfg.merge_min_group_size,
             min_matchmaking_time=matchmaking_s, request_timeout=min(3.0, max(1.0, matchmaking_s / 2)),
             allreduce_timeout=cfg.merge_allreduce_timeout_s,
             next_chunk_timeout=_chunk_timeout_s(cfg),
             compression=make_compression(cfg.merge_compression), declare_state_period=DECLARE_STATE_PERIOD_S,
-            shutdown_timeout=5,
+            shutdown_timeout=5, aggregation=cfg.merge_aggregation,
         )
         averager.run_in_background(await_ready=True, timeout=60)
         return averager
@@ -132,6 +148,7 @@ class WeightMerger:
 
         Returns the metrics line's merge fields."""
         self.rounds_since_merge += 1
+        self.registry.announce(self.level)  # refresh this node's signed record (it expires after REGISTRY_TTL_S)
         result = None
         if self.schedule.is_due(round_, self.rounds_since_merge):
             result = self.merge(final=self.schedule.is_final(round_))
@@ -156,6 +173,7 @@ class WeightMerger:
         else:
             self._alone_logged = False
             window = self.config.merge_matchmaking_timeout_s * (FINAL_MERGE_WINDOW_FACTOR if final else 1.0)
+            self.registry.announce(self.level, merging_for_s=window)
             result = self._average_and_apply(window)
             if result.outcome == "failed":
                 failed_rounds = 1
@@ -172,52 +190,22 @@ class WeightMerger:
             log.warning("merge and its repair failed (%s): keeping local weights", result.detail)
         return result
 
-    def load_state(self, own_weights_as_anchor: bool = True, require_newer: bool = False) -> bool:
-        """Download the group's state (anchor, DiLoCo momentum) from the most merged peer and adopt it.
+    def _reject(self, peers: list[bytes], reason: str, detail: str = "") -> None:
+        """Count a rejection by reason and strike the peers it is blamed on."""
+        self.stats.reject(reason)
+        self.strikes.strike(peers, reason)
+        log.warning("rejected a merge or state (%s): %s", reason, detail[:200])
 
-        Called before the first round (late join, restart) and by repairs. Returns False when no peer offered a
-        state that checks out; then, if `own_weights_as_anchor` (start-up), the node's own weights become its
-        anchor (they may come from a checkpoint). A repair sets `require_newer`: a donor whose merge level is not
-        above ours has nothing newer than our own weights, and adopting them would only discard our training."""
-        for attempt in range(2):  # hivemind picks the donor; a bad one is skipped by trying again
-            try:
-                got = self.averager.load_state_from_peers(timeout=self.config.merge_state_load_timeout_s)
-            except (concurrent.futures.TimeoutError, TimeoutError) as e:
-                log.warning("downloading state from peers timed out (%r)", e)
-                got = None
-            if got is None:
-                break
-            metadata, tensors = got
-            try:
-                info = self._check_state(metadata, tensors)
-            except _RoundFailed as e:
-                log.warning("rejected a peer's state: %s", e)
-                continue
-            if require_newer and info.merges <= self.level:
-                log.info("the most merged peer has no newer merge than this node (level %d): keeping own weights",
-                         self.level)
-                break
-            n = len(self.anchor)
-            with self._lock, torch.no_grad():
-                for a, t in zip(self.anchor, tensors[:n]):
-                    a.copy_(t)
-                for m, t in zip(self.momentum, tensors[n:]):
-                    m.copy_(t)
-                for p, a in zip(self.params, self.anchor):
-                    p.copy_(a)
-            if self.config.merge_optimizer_state == "reset":
-                self.optimizer.state.clear()
-            self.level = info.merges
-            self.stats.state_loads += 1
-            self._set_priority()
-            log.info("loaded the group's state from a peer (merge level %d)", info.merges)
-            return True
-        if own_weights_as_anchor:
-            with self._lock, torch.no_grad():  # nobody to learn from: our own weights are the reference
-                for a, p in zip(self.anchor, self.params):
-                    a.copy_(p.detach())
-            log.info("no peer offered a state to load: starting from this node's own weights")
-        return False
+    def _check_trust(self, result: list[torch.Tensor], own: list[torch.Tensor]) -> float:
+        """Raise _RoundFailed("non_finite" / "trust_region") unless `result` is finite and within the trust
+        region of `own` (guard.py). Returns the distance."""
+        dist = guard.distance(result, own)
+        if not math.isfinite(dist):
+            raise _RoundFailed("non_finite", "the result holds non-finite values")
+        radius = self.trust.radius(self._update_norm, guard.norm(self.anchor))
+        if dist > radius:
+            raise _RoundFailed("trust_region", f"the result is {dist:.4g} from our weights, trust radius {radius:.4g}")
+        return dist
 
     def metrics(self, result: MergeResult | None) -> dict[str, Any]:
         """The metrics line's merge fields; the weights' checksum only in rounds with a merge (it reads them all)."""
@@ -236,18 +224,28 @@ class WeightMerger:
             self.averager.shutdown()
 
     # ------------------------------------------------------------------ one round
+    def _encoded_gather(self) -> bytes:
+        """This node's gather, encoded. Everything derived from peers is clamped, so only our own non-finite
+        weights can make it fail (pydantic ValidationError)."""
+        return wire.encode(wire.MergeGather(
+            version=wire.PROTOCOL_VERSION, mode=self.mode, fingerprint=self.fingerprint,
+            sums=checksum.checksums(self.buffer, self.groups),
+            anchor=self._anchor_digest() if self.mode == "diloco" else [], merges=min(self.level, wire.MAX_MERGE_LEVEL),
+            priority=min(float(self.averager.state_sharing_priority), wire.MAX_MERGE_LEVEL + 1.0),
+            optimizer_step=min(self._optimizer_step(), wire.MAX_MERGE_LEVEL)))
+
     def _average_and_apply(self, window_s: float) -> MergeResult:
         self._fill_buffer()
-        sums = checksum.checksums(self.buffer, self.groups)
         segment_norms = checksum.norms(self.buffer, self.groups)
-        gather = wire.MergeGather(
-            version=wire.PROTOCOL_VERSION, mode=self.mode, fingerprint=self.fingerprint, sums=sums,
-            anchor=self._anchor_digest() if self.mode == "diloco" else [], merges=self.level,
-            priority=self.averager.state_sharing_priority, optimizer_step=self._optimizer_step())
+        try:
+            gather = self._encoded_gather()
+        except ValidationError:
+            self.stats.reject("own_weights_non_finite")
+            return MergeResult("failed", detail="this node's own weights are not finite: nothing to merge")
         self.averager.reset_faults()
         control = None
         try:
-            control = self.averager.step(gather=wire.encode(gather), weight=1.0, timeout=window_s + 0.5,
+            control = self.averager.step(gather=gather, weight=1.0, timeout=window_s + 0.5,
                                          allow_retries=False, wait=False)
             gathered = control.result(timeout=window_s + self.config.merge_allreduce_timeout_s + 10)
         except (concurrent.futures.TimeoutError, TimeoutError):
@@ -260,19 +258,31 @@ class WeightMerger:
             return MergeResult("failed", detail=f"all-reduce error {e!r}"[:200])
         except Exception as e:  # hivemind raises many types when a peer disappears mid-round
             return MergeResult("failed", detail=f"averaging error {e!r}"[:200])
+        n = len(self.anchor)
         try:
             mismatch, members = self._verify(gathered, segment_norms)
+            if self.mode == "params":
+                own = [p.detach() for p in self.params]
+            else:
+                own = [a - p.detach().to("cpu", torch.float32) for a, p in zip(self.anchor, self.params)]
+            self._check_trust(self.buffer[:n], own)
+            if not all(torch.isfinite(b).all() for b in self.buffer[n:]):
+                raise _RoundFailed("non_finite", "averaged optimizer moments hold non-finite values")
         except _RoundFailed as e:
+            self._reject(e.peers, e.reason, str(e))
             return MergeResult("failed", group_size=len(gathered), detail=str(e))
-        reference = max(members, key=lambda m: m.priority)
-        if self.mode == "diloco" and not self._same_anchor(reference.anchor):
-            # our anchor is not the group's (e.g. another initialisation): adopt the group's state instead
+        finally:
+            self.trust.note(self._update_norm)
+        if self.mode == "diloco" and not self._anchor_agreed(members):
+            # our anchor is not the one most of the group shares (e.g. another initialisation): adopt the state
+            # a majority of the online members agree on instead
             if self.load_state(own_weights_as_anchor=False):
                 return MergeResult("repaired", group_size=len(members), mismatch=mismatch,
                                    detail="anchor differed from the group's; loaded the group's state")
+            self.stats.reject("anchor")
             return MergeResult("failed", group_size=len(members), detail="anchor differs from the group's")
         self._apply(members)
-        self.level = max(m.merges for m in members) + 1
+        self.level = guard.next_level([m.merges for m in members])
         return MergeResult("merged", group_size=len(members), mismatch=mismatch)
 
     def _fill_buffer(self) -> None:
@@ -281,8 +291,10 @@ class WeightMerger:
             if self.mode == "params":
                 for b, p in zip(self.buffer, self.params):
                     b.copy_(p.detach())
+                self._update_norm = guard.distance(self.buffer[:n], self.anchor)
             else:
                 pseudo_gradient(self.anchor, [p.detach() for p in self.params], self.buffer[:n])
+                self._update_norm = guard.norm(self.buffer[:n])
             if self.config.merge_optimizer_state == "average":
                 for i, p in enumerate(self.params):
                     state = self.optimizer.state.get(p, {})
@@ -297,26 +309,31 @@ class WeightMerger:
         """Raise _RoundFailed unless the buffer now holds the verified group mean. Returns (mismatch, members)."""
         members = []
         for peer, raw in gathered.items():
+            blame = [peer.to_base58().encode()] if hasattr(peer, "to_base58") else []
             if not isinstance(raw, bytes):
-                raise _RoundFailed(f"peer {peer} sent a gather that is not bytes")
+                raise _RoundFailed("bad_gather", f"peer {peer} sent a gather that is not bytes", blame)
             try:
                 member = wire.decode_merge_gather(raw)
             except wire.WireError as e:
-                raise _RoundFailed(f"peer {peer} sent a bad gather ({e})") from None
+                raise _RoundFailed("bad_gather", f"peer {peer} sent a bad gather ({e})", blame) from None
             if member.fingerprint != self.fingerprint or member.mode != self.mode:
-                raise _RoundFailed(f"peer {peer} merges another model or mode")
+                raise _RoundFailed("bad_gather", f"peer {peer} merges another model or mode", blame)
             if len(member.sums) != 2 * len(self.groups):
-                raise _RoundFailed(f"peer {peer} sent {len(member.sums)} checksums, expected {2 * len(self.groups)}")
+                raise _RoundFailed("bad_gather", f"peer {peer} sent {len(member.sums)} checksums, expected "
+                                   f"{2 * len(self.groups)}", blame)
             members.append(member)
         failed_values, banned, _ = self.averager.faults()
         if failed_values:
-            raise _RoundFailed(f"hivemind left {failed_values} values un-averaged (a peer failed mid-round)")
-        expected = checksum.expected_checksums([(m.sums, m.weight) for m in members])
+            raise _RoundFailed("unaveraged", f"hivemind left {failed_values} values un-averaged (a peer failed "
+                               "mid-round or sent a refused part)")
+        expected = checksum.expected_checksums([(m.sums, 1.0) for m in members])  # every member counts once
         observed = checksum.checksums(self.buffer, self.groups)
         worst = checksum.mismatch(observed, expected, segment_norms, self.config.merge_compression)
-        if worst > 1.0:
+        if self.config.merge_aggregation == "centered_clip" and math.isfinite(worst):
+            return worst, members  # the clipped result legitimately differs from the mean: the trust region rules
+        if not worst <= 1.0:
             reason = f"checksums off by {worst:.1f}x the tolerance"
-            raise _RoundFailed(reason + (f"; {banned} senders dropped mid-round" if banned else ""))
+            raise _RoundFailed("checksum", reason + (f"; {banned} senders dropped mid-round" if banned else ""))
         return worst, members
 
     def _apply(self, members: list[wire.MergeGather]) -> None:
@@ -334,14 +351,22 @@ class WeightMerger:
         if cfg.merge_optimizer_state == "reset":
             self.optimizer.state.clear()
         elif cfg.merge_optimizer_state == "average":
-            step = round(sum(m.optimizer_step for m in members) / len(members))
+            step = guard.lower_median([m.optimizer_step for m in members])
+            betas = {id(q): g.get("betas", (0.9, 0.999)) for g in self.optimizer.param_groups for q in g["params"]}
             with torch.no_grad():
                 for i, p in enumerate(self.params):
                     state = self.optimizer.state[p]
                     if "step" not in state:
                         state["step"] = torch.tensor(float(max(step, 1)))
-                    state["exp_avg"] = self.buffer[n + i].to(p.device).clone()
-                    state["exp_avg_sq"] = self.buffer[2 * n + i].to(p.device).clamp_min(0).clone()
+                    exp_avg_sq = self.buffer[2 * n + i].clamp_min(0)
+                    # bias-corrected |m_hat| <= MOMENT_RATIO * sqrt(v_hat) bounds each AdamW update by MOMENT_RATIO
+                    # * lr, whatever the group sent (one peer's own moments keep the ratio near 1; a mean of
+                    # disagreeing peers' moments may exceed 1 a little, so the bound has headroom)
+                    beta1, beta2 = betas.get(id(p), (0.9, 0.999))
+                    t = max(float(state["step"]), 1.0)
+                    bound = exp_avg_sq.sqrt() * (MOMENT_RATIO * (1 - beta1**t) / (1 - beta2**t) ** 0.5)
+                    state["exp_avg"] = torch.minimum(torch.maximum(self.buffer[n + i], -bound), bound).to(p.device)
+                    state["exp_avg_sq"] = exp_avg_sq.to(p.device).clone()
 
     def _repair(self, first: MergeResult) -> MergeResult:
         # the other members of a broken round notice at different times, up to a sender plus a reducer timeout
@@ -358,58 +383,15 @@ class WeightMerger:
 
     # ------------------------------------------------------------------ helpers
     def _others_online(self) -> bool:
-        """Does the DHT list another averager of this model and mode as a state donor? (True when unsure.)"""
+        """Does the signed registry list another member of this model and layout? (True when unsure.)"""
         if self.averager.client_mode:
             return True
-        try:
-            found = self.dht.get(f"{self.prefix}.all_averagers", latest=True, return_future=True).result(
-                timeout=self.dht_timeout_s)
-        except Exception as e:
-            log.debug("could not read the averager list: %r", e)
-            return True
-        if found is None or not isinstance(found.value, dict):
-            return False
-        return any(key != self.peer_key and isinstance(getattr(entry, "value", None), (int, float))
-                   for key, entry in found.value.items())
+        members = self.registry.members()
+        return True if members is None else bool(members)
 
     def _peers_merging(self) -> bool:
-        """Is another averager of this model and mode looking for a group right now? (One DHT read.)"""
-        try:
-            found = self.dht.get(f"{self.prefix}.0b", latest=True, return_future=True).result(timeout=self.dht_timeout_s)
-        except Exception as e:
-            log.debug("could not read the matchmaking key: %r", e)
-            return False
-        if found is None or not isinstance(found.value, dict):
-            return False
-        return any(key != self.peer_key and getattr(entry, "value", None) is True for key, entry in found.value.items())
-
-    def _shared_state(self) -> tuple[bytes, list[torch.Tensor]]:
-        """What a downloading peer gets: the anchor (+ DiLoCo momentum) and its checksums. Any thread."""
-        with self._lock:
-            tensors = [t.clone() for t in self.anchor + self.momentum]
-        info = wire.MergeStateInfo(version=wire.PROTOCOL_VERSION, mode=self.mode, fingerprint=self.fingerprint,
-                                   merges=self.level, sums=checksum.checksums(tensors, self.state_groups))
-        return wire.encode(info), tensors
-
-    def _check_state(self, metadata: Any, tensors: list[torch.Tensor]) -> wire.MergeStateInfo:
-        if not isinstance(metadata, bytes):
-            raise _RoundFailed("metadata is not bytes")
-        try:
-            info = wire.decode_merge_state_info(metadata)
-        except wire.WireError as e:
-            raise _RoundFailed(f"bad metadata ({e})") from None
-        if info.fingerprint != self.fingerprint or info.mode != self.mode:
-            raise _RoundFailed("state of another model or mode")
-        ours = self.anchor + self.momentum
-        if len(tensors) != len(ours) or any(t.shape != o.shape or t.dtype != o.dtype for t, o in zip(tensors, ours)):
-            raise _RoundFailed("tensor shapes differ from this model's")
-        if not all(torch.isfinite(t).all() for t in tensors):
-            raise _RoundFailed("state holds non-finite values")
-        worst = checksum.mismatch(checksum.checksums(tensors, self.state_groups), info.sums,
-                                  checksum.norms(tensors, self.state_groups), "none")
-        if worst > 1.0:
-            raise _RoundFailed(f"state does not match its checksums ({worst:.1f}x the tolerance)")
-        return info
+        """Is another verified member looking for a group right now? (One DHT read of the signed registry.)"""
+        return any(m.merging for m in self.registry.members() or [])
 
     def _anchor_digest(self) -> list[float]:
         total = sum(a.sum(dtype=torch.float64).item() for a in self.anchor)
@@ -422,10 +404,15 @@ class WeightMerger:
         total, norm = self._anchor_digest()
         return abs(total - reference[0]) <= 1e-4 * max(norm, reference[1]) + 1e-9
 
+    def _anchor_agreed(self, members: list[wire.MergeGather]) -> bool:
+        """Does our anchor match the anchor of at least half of the group (ourselves included)? A pair that
+        disagrees therefore keeps its own anchors; nobody follows one peer's claim."""
+        return 2 * sum(self._same_anchor(m.anchor) for m in members) >= len(members)
+
     def _optimizer_step(self) -> int:
         steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
         return max(steps, default=0)
 
     def _set_priority(self) -> None:
         if not self.averager.client_mode:
-            self.averager.state_sharing_priority = self.level + _tie_breaker(self.peer_key)
+            self.averager.state_sharing_priority = min(self.level, wire.MAX_MERGE_LEVEL) + _tie_breaker(self.peer_key)
