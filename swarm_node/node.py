@@ -567,12 +567,15 @@ class Node:
         cfg = self.config.train
         out = generate(self.policy, prompts, cfg.num_completions, cfg.max_new_tokens, cfg.temperature)
         groups, formatted, total = [], 0, 0
-        for question, completions in zip(questions, out.completions):
+        from swarm_node.learning.generation import tokenizer_identity
+
+        tokenizer_id = tokenizer_identity(self.policy.tokenizer)
+        for question, completions, logprobs in zip(questions, out.completions, out.logprobs):
             rewards = [score(question, c) for c in completions]
             formatted += sum(has_answer_tags(c) for c in completions)
             total += len(completions)
             groups.append(Group(question.spec, completions, rewards, self.peer_id, r,
-                                self.trainer.policy_version, self.policy.name))
+                                self.trainer.policy_version, self.policy.name, logprobs, tokenizer_id))
         release_free_memory()
         return groups, out.num_tokens, formatted / max(total, 1)
 

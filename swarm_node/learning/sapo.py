@@ -27,6 +27,10 @@ class Group:
         round: the generating node's round.
         policy_version: the generating node's policy version (optimizer steps taken).
         model: name of the model that generated them.
+        logprobs: optional generator per-token log-probs, one list per completion (empty list: unknown), aligned
+            with the tokenisation of the completion text by the tokenizer named `tokenizer` (plus a final EOS
+            when the generator stopped). Used for truncated importance sampling (learning/offpolicy.py).
+        tokenizer: sha256 identity of the generator's tokenizer (generation.tokenizer_identity), "" if unknown.
     """
 
     spec: TaskSpec
@@ -36,6 +40,8 @@ class Group:
     round: int
     policy_version: int
     model: str
+    logprobs: list[list[float]] | None = None
+    tokenizer: str = ""
 
     @property
     def has_signal(self) -> bool:
