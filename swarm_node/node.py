@@ -527,6 +527,7 @@ class Node:
             "grad_norm": stats.grad_norm,
             "clip_fraction": stats.clip_fraction,
             "kl": stats.kl,
+            "offpolicy": stats.offpolicy,
             "train_sequences": stats.num_sequences,
             "train_tokens": stats.num_tokens,
             "tokens_generated": tokens_generated,
@@ -553,6 +554,7 @@ class Node:
         return self.identity.peer_id.to_base58()
 
     def _train(self, groups: list[Group]):
+        self.trainer.local_peer_id = self.peer_id
         try:
             return self.trainer.step(groups)
         finally:

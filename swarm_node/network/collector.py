@@ -48,7 +48,17 @@ def group_to_wire(group: Group) -> wire.WireGroup:
                                rg_version=s.rg_version),
         completions=group.completions,
         rewards=[float(x) for x in group.rewards],
+        logprobs=_wire_logprobs(group.logprobs),
+        tokenizer_sha256=group.tokenizer if group.logprobs is not None else "",
     )
+
+
+def _wire_logprobs(logprobs: list[list[float]] | None) -> list[list[float]] | None:
+    """A group's log-probs within the wire limits: clamped to [-MAX_ABS_LOGPROB, 0], cut at MAX_LOGPROB_TOKENS."""
+    if logprobs is None:
+        return None
+    lim = wire.MAX_ABS_LOGPROB
+    return [[min(0.0, max(-lim, float(x))) for x in row[: wire.MAX_LOGPROB_TOKENS]] for row in logprobs]
 
 
 class ExpiringSet:
@@ -284,7 +294,8 @@ class Collector:
                 self.trust.reject("reward_mismatch", peer, f"claimed {wg.rewards[:4]} verified {rewards[:4]}")
                 return None
             group = Group(spec, list(wg.completions), rewards, peer, payload.round, payload.policy_version,
-                          payload.model)
+                          payload.model, [list(x) for x in wg.logprobs] if wg.logprobs is not None else None,
+                          wg.tokenizer_sha256)
             key = group.content_key()
             if key in self._seen_content:
                 self.trust.reject("duplicate", peer)
