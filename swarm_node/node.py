@@ -528,6 +528,7 @@ class Node:
             "clip_fraction": stats.clip_fraction,
             "kl": stats.kl,
             "offpolicy": stats.offpolicy,
+            "peer_usefulness": self.collector.peer_weight.snapshot() if self.collector.peer_weight else {},
             "train_sequences": stats.num_sequences,
             "train_tokens": stats.num_tokens,
             "tokens_generated": tokens_generated,
@@ -556,7 +557,14 @@ class Node:
     def _train(self, groups: list[Group]):
         self.trainer.local_peer_id = self.peer_id
         try:
-            return self.trainer.step(groups)
+            stats = self.trainer.step(groups)
+            if self.config.train.peer_usefulness == "on":
+                from swarm_node.learning.selection import PeerUsefulness
+
+                if self.collector.peer_weight is None:
+                    self.collector.peer_weight = PeerUsefulness()
+                self.collector.peer_weight.update(stats.peer_ess)
+            return stats
         finally:
             release_free_memory()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 from swarm_node.learning.tasks import TaskSpec
 
@@ -54,15 +54,16 @@ class Group:
 
 
 def select_external(pool: Sequence[Group], num_groups: int, rng: random.Random,
-                    filter_zero_advantage: bool = True) -> list[Group]:
-    """Drop zero-advantage groups (unless disabled) and sample `num_groups` uniformly without replacement.
-
-    Returns fewer than `num_groups` when the (filtered) pool is smaller.
+                    filter_zero_advantage: bool = True, strategy: str = "uniform",
+                    peer_weight: Callable[[str], float] | None = None) -> list[Group]:
+    """Drop zero-advantage groups (unless disabled) and sample `num_groups` without replacement by `strategy`
+    ("uniform": the paper; "learnability", "success_gated": learning/selection.py), optionally weighted by
+    `peer_weight(peer_id)` (per-peer usefulness). Returns fewer than `num_groups` when the pool is smaller.
     """
+    from swarm_node.learning.selection import select
+
     candidates = [g for g in pool if g.has_signal or not filter_zero_advantage]
-    if len(candidates) <= num_groups:
-        return list(candidates)
-    return rng.sample(candidates, num_groups)
+    return select(candidates, num_groups, rng, strategy, peer_weight)
 
 
 def select_local(groups: Sequence[Group], num_groups: int) -> list[Group]:

@@ -105,6 +105,7 @@ class Collector:
         self.trust = PeerTrust(network.ban_strikes, network.ban_cooldown_s)
         self._invalid_signatures = invalid_signatures
         self._signatures_counted = 0
+        self.peer_weight = None  # per-peer usefulness (learning/selection.PeerUsefulness), set by the node
         self._pool: dict[tuple[str, int], tuple[float, list[Group]]] = {}  # (peer, round) -> (received_at, groups)
         ttl_s = 2 * network.max_staleness_s
         self._seen_manifests = ExpiringSet(ttl_s)  # (peer, round, sha256) fetched or skipped
@@ -178,7 +179,8 @@ class Collector:
             wait_s += time.monotonic() - t_wait
         self._last_seen = peers_seen
         usable = self.usable()
-        chosen = select_external(usable, want, self.rng, self.train.filter_zero_advantage)
+        chosen = select_external(usable, want, self.rng, self.train.filter_zero_advantage,
+                                 self.train.external_selection, self.peer_weight)
         for g in chosen:
             self._used.add(g.content_key())
         return Collected(chosen, len(usable), len(peers_seen), wait_s)
