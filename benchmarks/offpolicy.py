@@ -10,7 +10,7 @@ temperature 1.0, and measures, for the tokens the trainer sees:
 - poisoning: mean local token log-prob of honest completions vs the same completions with an injected suffix after
   the answer, and the time per group of the after-answer truncation and the plausibility check.
 
-Prints a table and writes benchmarks/results/offpolicy.json with the git commit and settings.
+Prints a table and writes benchmarks/results/offpolicy_peer{K}.json with the git commit and settings.
 Usage: PYTHONPATH=. python benchmarks/offpolicy.py [--model smollm2-135m] [--questions 8] [--peer-steps 4]
 """
 
@@ -170,7 +170,7 @@ def main():
                             "precision": str(policy.autocast_dtype)})
     for k, v in result.items():
         print(f"{k:24s} {json.dumps(v, default=float)}")
-    out_path = Path(__file__).parent / "results" / "offpolicy.json"
+    out_path = Path(__file__).parent / "results" / f"offpolicy_peer{args.peer_steps}.json"
     out_path.write_text(json.dumps(result, indent=2, default=float) + "\n")
 
 
