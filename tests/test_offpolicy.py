@@ -184,3 +184,41 @@ def test_trainer_counts_fallbacks_and_drops_lying_logprobs(tiny_policy_factory, 
     assert stats.offpolicy["groups_tokenizer_mismatch"] == 1
     assert stats.offpolicy["completions_truncated_after_answer"] == 2
     assert stats.offpolicy["tis_sequences_dropped"] >= 1  # claimed log-probs ~0 vs the random model's ~-10
+
+
+@pytest.mark.slow
+def test_logprobs_survive_the_wire_and_verification_and_reach_the_trainer(tiny_policy_factory, taskset):
+    """Generator -> Group -> wire bytes -> decode -> Collector.verify_payload -> trainer: the receiver trains with
+    the sender's log-probs (same tokenizer) and counts them."""
+    import dataclasses
+    import random
+
+    from swarm_node.config import NetworkConfig
+    from swarm_node.network.collector import Collector
+
+    policy = tiny_policy_factory()
+    cfg = TrainConfig(model="tiny", max_new_tokens=8, learning_rate=1e-3)
+    sender = Trainer(policy, cfg, taskset)
+    spec = TaskSpec("chain_sum", taskset.tasks["chain_sum"], 0, 1, 1000)
+    out = generate(policy, [sender.prompt_text(spec)], 6, 8, 1.0, generator=torch.Generator().manual_seed(3))
+    q = recreate(spec)
+    comps = list(out.completions[0])
+    comps[0] = f"<answer>{q.answer}</answer>"  # one verified success so that the group carries signal
+    lps = list(out.logprobs[0])
+    lps[0] = []
+    group = Group(spec, comps, [score(q, c) for c in comps], "QmSender", 1, 0, "tiny", lps,
+                  tokenizer_identity(policy.tokenizer))
+    payload = wire.RolloutPayload(version=wire.PROTOCOL_VERSION, peer_id="QmSender", round=1, policy_version=0,
+                                  model="tiny", groups=[group_to_wire(group)])
+    decoded = wire.decode_payload(wire.encode(payload), 10**6)
+    received = Collector(None, NetworkConfig(), cfg, random.Random(0)).verify_payload(decoded)
+    assert received and received[0].logprobs == [list(x) for x in lps]
+    receiver = Trainer(tiny_policy_factory(), cfg, taskset)
+    receiver.local_peer_id = "QmReceiver"
+    stats = receiver.step(received)
+    aligned = sum(bool(x) for x in lps)
+    assert stats.offpolicy.get("completions_with_logprobs", 0) == aligned > 0
+    assert stats.offpolicy["tis_tokens_known"] > 0 and "QmSender" in stats.peer_ess
+    # a 1.0 peer (no log-probs) falls back to ratio 1 and is counted
+    stats = receiver.step([dataclasses.replace(received[0], logprobs=None, tokenizer="")])
+    assert stats.offpolicy["groups_without_logprobs"] == 1
