@@ -58,3 +58,10 @@ def test_peer_usefulness_downweights_off_policy_peers_and_is_bounded():
     assert picks["QmGood"] > 3 * picks["QmBad"]
     u.update({"Qm1": 1.0, "Qm2": 1.0})
     assert len(u.snapshot()) == 3 and u("QmGood") == 1.0  # least recently updated forgotten
+
+
+def test_without_zero_advantage_filter_excluded_groups_still_fill_up():
+    pool = [group([0.0, 0.0], i=i) for i in range(3)] + [group([1.0, 0.0], i=9)]
+    chosen = select_external(pool, 2, random.Random(0), filter_zero_advantage=False, strategy="success_gated")
+    assert len(chosen) == 2 and chosen[0].spec.index == 9
+    assert select_external(pool, 2, random.Random(0), strategy="success_gated") == [pool[3]]

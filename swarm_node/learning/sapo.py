@@ -63,7 +63,7 @@ def select_external(pool: Sequence[Group], num_groups: int, rng: random.Random,
     from swarm_node.learning.selection import select
 
     candidates = [g for g in pool if g.has_signal or not filter_zero_advantage]
-    return select(candidates, num_groups, rng, strategy, peer_weight)
+    return select(candidates, num_groups, rng, strategy, peer_weight, 0.0 if filter_zero_advantage else 1e-9)
 
 
 def select_local(groups: Sequence[Group], num_groups: int) -> list[Group]:

@@ -78,12 +78,15 @@ class PeerUsefulness:
 
 
 def select(pool: Sequence, num_groups: int, rng: random.Random, strategy: str = "uniform",
-           peer_weight: Callable[[str], float] | None = None) -> list:
+           peer_weight: Callable[[str], float] | None = None, min_weight: float = 0.0) -> list:
     """J groups from `pool` (objects with `.rewards` and `.peer_id`) by strategy weight times peer weight.
 
     uniform without peer weights is exactly `rng.sample` (the paper's selection, reproducible per seed).
+    `min_weight` > 0 lets groups the strategy excludes fill up the remaining slots (drawn after all others with
+    overwhelming probability); used when zero-advantage filtering is off.
     """
     if strategy == "uniform" and peer_weight is None:
         return list(pool) if len(pool) <= num_groups else rng.sample(list(pool), num_groups)
-    weights = [strategy_weight(g.rewards, strategy) * (peer_weight(g.peer_id) if peer_weight else 1.0) for g in pool]
+    weights = [max(min_weight, strategy_weight(g.rewards, strategy)) * (peer_weight(g.peer_id) if peer_weight else 1.0)
+               for g in pool]
     return weighted_sample(pool, weights, num_groups, rng)
