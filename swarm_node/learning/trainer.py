@@ -297,5 +297,6 @@ class Trainer:
         for key in ("tokens_truncated", "tokens_dropped", "sequences_dropped", "tokens_known"):
             counts["tis_" + key] += stats[key]
         if batch[0].peer_id != self.local_peer_id and stats["tokens_known"] > 0:
-            peer_ess.setdefault(batch[0].peer_id, []).append(stats["ess_fraction"] * float(tis_keep.sum() / keep.sum().clamp(min=1)))
+            kept = float(tis_keep.sum() / keep.sum().clamp(min=1))  # share of tokens surviving the filter
+            peer_ess.setdefault(batch[0].peer_id, []).append(stats["ess_fraction"] * kept)
         return w, tis_keep
