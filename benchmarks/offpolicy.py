@@ -100,7 +100,8 @@ def mean_logprob(trainer, groups, suffix=""):
             if "</answer>" not in c:
                 continue
             text = truncate_after_answer(c) + suffix
-            s, _ = trainer._sequences([Group(g.spec, [text, text + " "], [1.0, 0.0], "local", 0, 0, "x")])  # local: not cut
+            pair = Group(g.spec, [text, text + " "], [1.0, 0.0], "local", 0, 0, "x")  # local: not cut after answer
+            s, _ = trainer._sequences([pair])
             with torch.no_grad(), autocast(trainer.policy):
                 lp, mask = trainer._completion_logprobs(trainer.policy.model, s[:1])
             vals.append(float((lp * mask).sum() / mask.sum()))

@@ -21,7 +21,8 @@ def truncate_after_answer(completion: str) -> str:
     return completion if end < 0 else completion[: end + len(ANSWER_CLOSE)]
 
 
-def align_logprobs(logprobs: list[float], full_ids: list[int], ids: list[int], eos_appended: bool) -> list[float] | None:
+def align_logprobs(logprobs: list[float], full_ids: list[int], ids: list[int],
+                   eos_appended: bool) -> list[float] | None:
     """The generator log-probs of the tokens the learner trains on, or None when they cannot be aligned.
 
     Args:

@@ -22,7 +22,8 @@ import math
 from typing import Annotated, Any
 
 import msgpack
-from pydantic import model_serializer, AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import model_serializer
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 1  # 1.1: optional WireGroup.logprobs / tokenizer_sha256 (off-policy correction)
