@@ -130,6 +130,41 @@ class TrainConfig(_Section):
         "SmolLM2 node by 20-50 MB per round). 0 keeps oneDNN's default; ONEDNN_PRIMITIVE_CACHE_CAPACITY in the "
         "environment wins."
     )
+    off_policy_correction: Literal["none", "tis"] = Field(
+        "tis", description="none: importance ratio 1 for every completion (the SAPO paper, genrl). tis: filtered "
+        "truncated importance sampling (F-TIS, arXiv 2605.22537) with the generator's per-token log-probs as the "
+        "behaviour policy, for local groups (bf16 generation) and for external groups whose tokenizer matches; "
+        "groups without usable log-probs fall back to ratio 1 and are counted. See docs/algorithm.md."
+    )
+    tis_max_ratio: float = Field(2.0, ge=1.0, description="TIS truncation C: importance weights are min(ratio, C).")
+    tis_drop_ratio: float = Field(
+        10.0, gt=1.0, description="TIS filter D: tokens whose ratio pi_learner/pi_generator is outside [1/D, D] are "
+        "masked, and whole completions whose geometric-mean ratio is (a claimed log-prob far off the local one)."
+    )
+    external_selection: Literal["uniform", "learnability", "success_gated"] = Field(
+        "uniform", description="How J external groups are sampled from the verified pool: uniform (the paper), "
+        "learnability (weight p(1-p) of the verified pass rate p; Foster and Foerster), success_gated (only groups "
+        "with at least one verified success; Mutual RL, arXiv 2605.07244). See learning/selection.py."
+    )
+    peer_usefulness: Literal["off", "on"] = Field(
+        "off", description="on: multiply each external group's sampling weight by its peer's usefulness, a running "
+        "mean of the effective-sample-size fraction of the peer's trained tokens under TIS (how on-policy its groups "
+        "are for this node), so peers whose groups teach little are sampled less."
+    )
+    external_after_answer: Literal["train", "truncate"] = Field(
+        "truncate", description="What of an external completion's text after its last </answer> is trained on: "
+        "train (the paper) or truncate (cut there and end with EOS; the reward is unchanged), closing the "
+        "'text after a correct answer' poisoning channel (arXiv 2511.09780)."
+    )
+    plausibility_margin: float = Field(
+        3.0, gt=0.0, description="Same-model external completions whose mean token log-prob under the local policy is "
+        "more than this many nats below the mean log-prob of this round's own sampled tokens are dropped as "
+        "implausible (counted); computed in the training forward pass at no extra cost."
+    )
+    loss_normalizer: Literal["all_tokens", "signal_tokens"] = Field(
+        "all_tokens", description="Token count N the loss is divided by: all completion tokens of the batch "
+        "(zero-advantage groups included) or only those of groups with signal (DAPO's dynamic sampling)."
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 lets torch decide.")
     seed: int = Field(0, description="Seed for model init (tiny), sampling and external-group selection.")
 

@@ -558,6 +558,8 @@ class Node:
             "grad_norm": stats.grad_norm,
             "clip_fraction": stats.clip_fraction,
             "kl": stats.kl,
+            "offpolicy": stats.offpolicy,
+            "peer_usefulness": self.collector.peer_weight.snapshot() if self.collector.peer_weight else {},
             "train_sequences": stats.num_sequences,
             "train_tokens": stats.num_tokens,
             "tokens_generated": tokens_generated,
@@ -584,8 +586,16 @@ class Node:
         return self.identity.peer_id.to_base58()
 
     def _train(self, groups: list[Group]):
+        self.trainer.local_peer_id = self.peer_id
         try:
-            return self.trainer.step(groups)
+            stats = self.trainer.step(groups)
+            if self.config.train.peer_usefulness == "on":
+                from swarm_node.learning.selection import PeerUsefulness
+
+                if self.collector.peer_weight is None:
+                    self.collector.peer_weight = PeerUsefulness()
+                self.collector.peer_weight.update(stats.peer_ess)
+            return stats
         finally:
             release_free_memory()
 
@@ -598,12 +608,15 @@ class Node:
         cfg = self.config.train
         out = generate(self.policy, prompts, cfg.num_completions, cfg.max_new_tokens, cfg.temperature)
         groups, formatted, total = [], 0, 0
-        for question, completions in zip(questions, out.completions):
+        from swarm_node.learning.generation import tokenizer_identity
+
+        tokenizer_id = tokenizer_identity(self.policy.tokenizer)
+        for question, completions, logprobs in zip(questions, out.completions, out.logprobs):
             rewards = [score(question, c) for c in completions]
             formatted += sum(has_answer_tags(c) for c in completions)
             total += len(completions)
             groups.append(Group(question.spec, completions, rewards, self.peer_id, r,
-                                self.trainer.policy_version, self.policy.name))
+                                self.trainer.policy_version, self.policy.name, logprobs, tokenizer_id))
         release_free_memory()
         return groups, out.num_tokens, formatted / max(total, 1)
 

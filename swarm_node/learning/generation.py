@@ -21,10 +21,47 @@ from swarm_node.learning.models import Policy
 
 @dataclasses.dataclass
 class Generated:
-    """Completions for a batch of prompts: `completions[i]` holds the L texts of prompt i."""
+    """Completions for a batch of prompts: `completions[i]` holds the L texts of prompt i.
+
+    `logprobs[i][j]` holds the generator's per-token log-probabilities of completion j of prompt i under the
+    sampling distribution actually used (softmax(logits / temperature) of the bf16/fp32 inference model), one
+    float per generated token including a final EOS. It is an empty list when re-tokenising the decoded text
+    does not give back the sampled tokens (a non-canonical tokenisation or a special token inside the text):
+    the log-probs could then not be aligned with the tokens a trainer sees, so none are claimed.
+    """
 
     completions: list[list[str]]
     num_tokens: int
+    logprobs: list[list[list[float]]] = dataclasses.field(default_factory=list)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """sha256 (hex) of the tokenizer's vocabulary, merges and added tokens, computed once per tokenizer object.
+
+    Two peers whose identities match split any text into the same token ids, so a peer's per-token log-probs
+    can be aligned with the receiver's own tokenisation of the completion text.
+    """
+    cached = getattr(tokenizer, "_swarm_identity", None)
+    if cached is not None:
+        return cached
+    import hashlib
+    import json
+
+    merges: list[str] = []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model", {})
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    added = sorted((t.content if hasattr(t, "content") else str(t), int(i))
+                   for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items())
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]), "merges": merges,
+                       "added": added}, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    try:
+        tokenizer._swarm_identity = digest
+    except AttributeError:
+        pass
+    return digest
 
 
 def autocast(policy: Policy):
@@ -64,12 +101,16 @@ def release_inference_model(policy: Policy) -> None:
     policy._inference_copy = None
 
 
-def _pick(logits: torch.Tensor, temperature: float, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from (B, V) logits: argmax when greedy, else pure sampling at `temperature`."""
-    if greedy:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+def _pick(logits: torch.Tensor, temperature: float, greedy: bool,
+          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row from (B, V) logits and its log-probability under the distribution sampled from.
+
+    Greedy: argmax, log-prob under softmax(logits). Else pure sampling at `temperature` from
+    softmax(logits / temperature). Returns ((B,) token ids, (B,) float32 log-probs).
+    """
+    logp = torch.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)  # (B, V)
+    nxt = logits.argmax(dim=-1) if greedy else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+    return nxt, logp.gather(1, nxt[:, None]).squeeze(1)
 
 
 @torch.no_grad()
@@ -110,11 +151,13 @@ def generate(policy: Policy, prompts: list[str], num_completions: int, max_new_t
         next_pos = positions[:, -1:].repeat_interleave(num_completions, dim=0) + 1  # (P * L, 1)
         active = torch.arange(rows, device=device)  # original row of each row still decoding
         tokens = torch.full((rows, max_new_tokens), tok.pad_token_id, dtype=torch.long, device=device)
+        token_logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
         lengths = torch.zeros(rows, dtype=torch.long, device=device)
         eos = tok.eos_token_id
         for t in range(max_new_tokens):
-            nxt = _pick(logits, temperature, greedy, generator)  # (B,)
+            nxt, nxt_logp = _pick(logits, temperature, greedy, generator)  # (B,), (B,)
             tokens[active, t] = nxt
+            token_logprobs[active, t] = nxt_logp
             lengths[active] += 1
             keep = nxt != eos  # (B,)
             if t == max_new_tokens - 1 or not bool(keep.any()):
@@ -132,4 +175,19 @@ def generate(policy: Policy, prompts: list[str], num_completions: int, max_new_t
         model.train(was_training)
     texts = tok.batch_decode(tokens.cpu(), skip_special_tokens=True)
     L = num_completions
-    return Generated([texts[i * L:(i + 1) * L] for i in range(len(prompts))], int(lengths.sum()))
+    logprobs = _aligned_logprobs(tok, texts, tokens.cpu(), lengths.cpu(), token_logprobs.cpu())
+    return Generated([texts[i * L:(i + 1) * L] for i in range(len(prompts))], int(lengths.sum()),
+                     [logprobs[i * L:(i + 1) * L] for i in range(len(prompts))])
+
+
+def _aligned_logprobs(tok, texts: list[str], tokens: torch.Tensor, lengths: torch.Tensor,
+                      token_logprobs: torch.Tensor) -> list[list[float]]:
+    """Per completion, the sampled tokens' log-probs if re-tokenising its text gives back exactly the sampled
+    tokens (plus a final EOS), else []: only log-probs a receiver can align with its own tokenisation are kept."""
+    out = []
+    for text, row, n, lp in zip(texts, tokens.tolist(), lengths.tolist(), token_logprobs.tolist()):
+        sampled = row[:n]
+        body = sampled[:-1] if sampled and sampled[-1] == tok.eos_token_id else sampled
+        ok = tok(text, add_special_tokens=False)["input_ids"] == body
+        out.append([float(x) for x in lp[:n]] if ok else [])
+    return out

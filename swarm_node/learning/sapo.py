@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 from swarm_node.learning.tasks import TaskSpec
 
@@ -27,6 +27,10 @@ class Group:
         round: the generating node's round.
         policy_version: the generating node's policy version (optimizer steps taken).
         model: name of the model that generated them.
+        logprobs: optional generator per-token log-probs, one list per completion (empty list: unknown), aligned
+            with the tokenisation of the completion text by the tokenizer named `tokenizer` (plus a final EOS
+            when the generator stopped). Used for truncated importance sampling (learning/offpolicy.py).
+        tokenizer: sha256 identity of the generator's tokenizer (generation.tokenizer_identity), "" if unknown.
     """
 
     spec: TaskSpec
@@ -36,6 +40,8 @@ class Group:
     round: int
     policy_version: int
     model: str
+    logprobs: list[list[float]] | None = None
+    tokenizer: str = ""
 
     @property
     def has_signal(self) -> bool:
@@ -48,15 +54,16 @@ class Group:
 
 
 def select_external(pool: Sequence[Group], num_groups: int, rng: random.Random,
-                    filter_zero_advantage: bool = True) -> list[Group]:
-    """Drop zero-advantage groups (unless disabled) and sample `num_groups` uniformly without replacement.
-
-    Returns fewer than `num_groups` when the (filtered) pool is smaller.
+                    filter_zero_advantage: bool = True, strategy: str = "uniform",
+                    peer_weight: Callable[[str], float] | None = None) -> list[Group]:
+    """Drop zero-advantage groups (unless disabled) and sample `num_groups` without replacement by `strategy`
+    ("uniform": the paper; "learnability", "success_gated": learning/selection.py), optionally weighted by
+    `peer_weight(peer_id)` (per-peer usefulness). Returns fewer than `num_groups` when the pool is smaller.
     """
+    from swarm_node.learning.selection import select
+
     candidates = [g for g in pool if g.has_signal or not filter_zero_advantage]
-    if len(candidates) <= num_groups:
-        return list(candidates)
-    return rng.sample(candidates, num_groups)
+    return select(candidates, num_groups, rng, strategy, peer_weight, 0.0 if filter_zero_advantage else 1e-9)
 
 
 def select_local(groups: Sequence[Group], num_groups: int) -> list[Group]:

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from swarm_node.config import TrainConfig
-from swarm_node.learning.generation import autocast, release_inference_model
-from swarm_node.learning.grpo import clipped_policy_loss, group_advantages
+from swarm_node.learning.generation import autocast, release_inference_model, tokenizer_identity
+from swarm_node.learning.grpo import clipped_policy_loss, group_advantages, tis_weights
+from swarm_node.learning.offpolicy import align_logprobs, truncate_after_answer
 from swarm_node.learning.models import Policy
 from swarm_node.learning.sapo import Group
 from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate
@@ -36,6 +38,9 @@ class TokenizedSample:
     prompt_ids: list[int]
     completion_ids: list[int]
     advantage: float
+    generator_logprobs: list[float] | None = None  # aligned with completion_ids (may be shorter: rest unknown)
+    same_model_external: bool = False  # checked for plausibility under the local policy
+    peer_id: str = ""
 
 
 @dataclasses.dataclass
@@ -49,6 +54,8 @@ class StepStats:
     clip_fraction: float
     kl: float
     policy_version: int
+    offpolicy: dict[str, float] = dataclasses.field(default_factory=dict)  # TIS / filter counts (docs/algorithm.md)
+    peer_ess: dict[str, float] = dataclasses.field(default_factory=dict)  # per external peer: ESS fraction this step
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -85,6 +92,7 @@ class Trainer:
             self.reference = copy.deepcopy(policy.model).eval().requires_grad_(False)
         self.policy_version = 0
         self._collaborative = False
+        self.local_peer_id = ""  # set by the node: groups from other peer IDs are external
 
     def use_collaborative_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Step through `optimizer` (a hivemind.Optimizer wrapping this trainer's optimizer), passing each step's
@@ -103,21 +111,53 @@ class Trainer:
             self.taskset.messages(question), tokenize=False, add_generation_prompt=True
         )
 
-    def _sequences(self, groups: Sequence[Group]) -> tuple[list[TokenizedSample], int]:
-        """Tokenise every completion; returns sequences with non-zero advantage and the total token count N."""
+    def _sequences(self, groups: Sequence[Group], counts: Counter | None = None) -> tuple[list[TokenizedSample], int]:
+        """Tokenise every completion; returns sequences with non-zero advantage and the token normaliser N.
+
+        External groups (another peer ID) are cut after their last </answer> when `external_after_answer` is
+        truncate. Generator log-probs are kept (aligned with the tokens) when `off_policy_correction` is tis and
+        the group's tokenizer identity equals ours; every fallback is counted in `counts` by reason.
+        """
         tok = self.policy.tokenizer
-        sequences, total_tokens = [], 0
+        cfg = self.config
+        counts = counts if counts is not None else Counter()
+        own_tokenizer = tokenizer_identity(tok)
+        own_peer = self.local_peer_id
+        sequences, total_tokens, signal_tokens = [], 0, 0
         for group in groups:  # peers may use another L, so groups are normalised one by one
             rewards = torch.tensor([group.rewards], dtype=torch.float32)  # (1, L)
-            adv_row = group_advantages(rewards, self.config.advantage_eps)[0].tolist()  # (L,)
+            adv_row = group_advantages(rewards, cfg.advantage_eps)[0].tolist()  # (L,)
             prompt_ids = tok(self.prompt_text(group.spec), add_special_tokens=False)["input_ids"]
-            for completion, adv in zip(group.completions, adv_row):
-                ids = tok(completion, add_special_tokens=False)["input_ids"][: self.config.max_new_tokens]
-                if len(ids) < self.config.max_new_tokens:
+            external = group.peer_id != own_peer
+            use_lp = cfg.off_policy_correction == "tis" and group.has_signal
+            if use_lp and (group.logprobs is None or group.tokenizer != own_tokenizer):
+                counts["groups_without_logprobs" if group.logprobs is None else "groups_tokenizer_mismatch"] += 1
+                use_lp = False
+            for j, (completion, adv) in enumerate(zip(group.completions, adv_row)):
+                full_ids = tok(completion, add_special_tokens=False)["input_ids"]
+                text = completion
+                if external and cfg.external_after_answer == "truncate":
+                    text = truncate_after_answer(completion)
+                    if text != completion:
+                        counts["completions_truncated_after_answer"] += 1
+                ids = full_ids if text == completion else tok(text, add_special_tokens=False)["input_ids"]
+                ids = ids[: cfg.max_new_tokens]
+                ended = len(ids) < cfg.max_new_tokens
+                if ended:
                     ids = ids + [tok.eos_token_id]
                 total_tokens += len(ids)
-                if group.has_signal:
-                    sequences.append(TokenizedSample(prompt_ids, ids, adv))
+                if not group.has_signal:
+                    continue
+                signal_tokens += len(ids)
+                lp = None
+                if use_lp:
+                    lp = align_logprobs(group.logprobs[j] if j < len(group.logprobs) else [], full_ids, ids,
+                                        eos_appended=ended)
+                    counts["completions_with_logprobs" if lp is not None else "completions_logprobs_unaligned"] += 1
+                sequences.append(TokenizedSample(prompt_ids, ids, adv, lp,
+                                                 external and group.model == self.policy.name, group.peer_id))
+        if cfg.loss_normalizer == "signal_tokens":
+            return sequences, signal_tokens
         return sequences, total_tokens
 
     def _completion_logprobs(self, model: torch.nn.Module, batch: list[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,9 +218,12 @@ class Trainer:
         model = self.policy.model
         model.train()
         release_inference_model(self.policy)  # the bf16 generation copy is rebuilt at the next generate
-        sequences, total_tokens = self._sequences(groups)
+        counts: Counter = Counter()
+        own = [x for g in groups if g.peer_id == self.local_peer_id and g.logprobs for row in g.logprobs for x in row]
+        self._plausible_floor = (sum(own) / len(own) - cfg.plausibility_margin) if own else None
+        sequences, total_tokens = self._sequences(groups, counts)
         if not sequences:
-            return StepStats(None, 0, total_tokens, 0.0, 0.0, 0.0, self.policy_version)
+            return StepStats(None, 0, total_tokens, 0.0, 0.0, 0.0, self.policy_version, dict(counts))
         micro = self._micro_batches(sequences)
         old_logprobs: list[torch.Tensor | None] = [None] * len(micro)
         ref_logprobs: list[torch.Tensor | None] = [None] * len(micro)
@@ -190,18 +233,24 @@ class Trainer:
                     old_logprobs[k] = self._completion_logprobs(model, batch)[0]
                 if self.reference is not None:
                     ref_logprobs[k] = self._completion_logprobs(self.reference, batch)[0]
+        weights: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(micro)
+        peer_ess: dict[str, list[float]] = {}
         total_loss, clip_fracs, kls, grad_norm = 0.0, [], [], 0.0
-        for _ in range(cfg.steps_per_round):
+        for step in range(cfg.steps_per_round):
             total_loss = 0.0
             self.optimizer.zero_grad(set_to_none=True)
             for k, batch in enumerate(micro):
                 with autocast(self.policy):
                     logprobs, mask = self._completion_logprobs(model, batch)
                 old = old_logprobs[k] if old_logprobs[k] is not None else logprobs.detach()
+                if step == 0:  # weights and filters from the pre-step policy, computed in the same forward pass
+                    weights[k] = self._filters(batch, old, mask, counts, peer_ess)
+                is_w, keep = weights[k]
                 advantages = torch.tensor([s.advantage for s in batch], device=logprobs.device)
                 loss, stats = clipped_policy_loss(
-                    logprobs, old, advantages, mask, cfg.clip_eps_low, cfg.clip_eps_high,
-                    num_tokens=total_tokens, ref_logprobs=ref_logprobs[k], kl_coef=cfg.kl_coef,
+                    logprobs, old, advantages, keep if keep is not None else mask, cfg.clip_eps_low,
+                    cfg.clip_eps_high, num_tokens=total_tokens, ref_logprobs=ref_logprobs[k], kl_coef=cfg.kl_coef,
+                    is_weights=is_w,
                 )
                 loss.backward()
                 total_loss += float(loss.detach())
@@ -215,4 +264,39 @@ class Trainer:
             self.policy_version += 1
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(total_loss, len(sequences), total_tokens, grad_norm,
-                         sum(clip_fracs) / len(clip_fracs), sum(kls) / len(kls), self.policy_version)
+                         sum(clip_fracs) / len(clip_fracs), sum(kls) / len(kls), self.policy_version,
+                         {k: round(v, 4) for k, v in counts.items()},
+                         {p: sum(v) / len(v) for p, v in peer_ess.items()})
+
+    def _filters(self, batch: list[TokenizedSample], old: torch.Tensor, mask: torch.Tensor, counts: Counter,
+                 peer_ess: dict[str, list[float]]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """TIS weights and the keep-mask of one micro-batch: the extreme-ratio filter (grpo.tis_weights) and the
+        plausibility check of same-model external completions (mean local token log-prob at least the mean of this
+        round's own sampled tokens minus `plausibility_margin`)."""
+        cfg = self.config
+        keep = mask.clone()
+        n_tok = mask.sum(dim=1).clamp(min=1)
+        mean_lp = (old * mask).sum(dim=1) / n_tok  # (B,)
+        floor = getattr(self, "_plausible_floor", None)
+        for i, s in enumerate(batch):
+            if s.same_model_external and floor is None:
+                counts["completions_plausibility_unchecked"] += 1
+            elif s.same_model_external and float(mean_lp[i]) < floor:
+                keep[i] = 0
+                counts["completions_implausible"] += 1
+        if cfg.off_policy_correction != "tis" or not any(s.generator_logprobs for s in batch):
+            return None, keep
+        gen = torch.zeros_like(old)
+        known = torch.zeros_like(mask)
+        for i, s in enumerate(batch):
+            if s.generator_logprobs:
+                n = min(len(s.generator_logprobs), old.shape[1])
+                gen[i, :n] = torch.tensor(s.generator_logprobs[:n], dtype=old.dtype)
+                known[i, :n] = 1
+        w, tis_keep, stats = tis_weights(old, gen, known, keep, cfg.tis_max_ratio, cfg.tis_drop_ratio)
+        for key in ("tokens_truncated", "tokens_dropped", "sequences_dropped", "tokens_known"):
+            counts["tis_" + key] += stats[key]
+        if batch[0].peer_id != self.local_peer_id and stats["tokens_known"] > 0:
+            kept = float(tis_keep.sum() / keep.sum().clamp(min=1))  # share of tokens surviving the filter
+            peer_ess.setdefault(batch[0].peer_id, []).append(stats["ess_fraction"] * kept)
+        return w, tis_keep

@@ -57,7 +57,17 @@ def group_to_wire(group: Group) -> wire.WireGroup:
                                rg_version=s.rg_version),
         completions=group.completions,
         rewards=[float(x) for x in group.rewards],
+        logprobs=_wire_logprobs(group.logprobs),
+        tokenizer_sha256=group.tokenizer if group.logprobs is not None else "",
     )
+
+
+def _wire_logprobs(logprobs: list[list[float]] | None) -> list[list[float]] | None:
+    """A group's log-probs within the wire limits: clamped to [-MAX_ABS_LOGPROB, 0], cut at MAX_LOGPROB_TOKENS."""
+    if logprobs is None:
+        return None
+    lim = wire.MAX_ABS_LOGPROB
+    return [[min(0.0, max(-lim, float(x))) for x in row[: wire.MAX_LOGPROB_TOKENS]] for row in logprobs]
 
 
 class Collector:
@@ -78,6 +88,7 @@ class Collector:
                  invalid_signatures: Callable[[], int] = lambda: 0, taskset: TaskSet | None = None,
                  count_tokens: Callable[[str], int] | None = None, worker: VerifyWorker | None = None):
         self.exchange, self.net, self.train, self.rng = exchange, network, train, rng
+        self.peer_weight = None  # per-peer usefulness (learning/selection.PeerUsefulness), set by the node
         # every per-peer map is bounded (TTL + LRU, network/peermaps.py): fresh peer IDs are free
         peers, peer_ttl_s = network.max_tracked_peers, max(network.ban_cooldown_s, 2 * network.max_staleness_s, 1.0)
         records, contents = 4 * peers, 16 * peers
@@ -149,7 +160,8 @@ class Collector:
     def take(self) -> Collected:
         """Sample J verified groups from the pool for this round's training; never waits."""
         self._admitted_this_round = 0
-        chosen, available = self.pool.take(self.train.num_external_groups, self.rng, self.train.filter_zero_advantage)
+        chosen, available = self.pool.take(self.train.num_external_groups, self.rng, self.train.filter_zero_advantage,
+                                           self.train.external_selection, self.peer_weight)
         return Collected(chosen, available, len(self.pool.peers()))
 
     def note_own(self, groups: list[Group]) -> None:
@@ -377,7 +389,8 @@ class Collector:
                 self.trust.reject("reward_mismatch", peer, f"claimed {wg.rewards[:4]} verified {rewards[:4]}")
                 return None
             group = Group(spec, list(wg.completions), rewards, peer, payload.round, payload.policy_version,
-                          payload.model)
+                          payload.model, [list(x) for x in wg.logprobs] if wg.logprobs is not None else None,
+                          wg.tokenizer_sha256)
             key = content_digest(group.content_key())
             if key in self._own_content:  # our own group, republished under another peer's ID
                 self.trust.reject("own_group", peer)

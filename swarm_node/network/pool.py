@@ -88,10 +88,12 @@ class GroupPool:
         return [g for e in self._entries.values() for g in e.groups
                 if (g.has_signal or not filter_zero_advantage) and g.content_key() not in self._used]
 
-    def take(self, num_groups: int, rng: random.Random, filter_zero_advantage: bool) -> tuple[list[Group], int]:
-        """Sample `num_groups` usable groups uniformly (SAPO) and mark them used. Returns (groups, usable before)."""
+    def take(self, num_groups: int, rng: random.Random, filter_zero_advantage: bool, strategy: str = "uniform",
+             peer_weight=None) -> tuple[list[Group], int]:
+        """Sample `num_groups` usable groups by `strategy` (uniform: SAPO; see learning/selection.py), optionally
+        weighted by `peer_weight(peer_id)`, and mark them used. Returns (groups, usable before)."""
         usable = self.usable(filter_zero_advantage)
-        chosen = select_external(usable, num_groups, rng, filter_zero_advantage)
+        chosen = select_external(usable, num_groups, rng, filter_zero_advantage, strategy, peer_weight)
         self._used.update(g.content_key() for g in chosen)
         return chosen, len(usable)
 

@@ -28,10 +28,10 @@ from typing import Annotated, Any
 
 import msgpack
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, field_validator, model_serializer, model_validator)
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1.1: optional WireGroup.logprobs / tokenizer_sha256 (off-policy correction)
 PROTOCOL_VERSION = (PROTOCOL_MAJOR, PROTOCOL_MINOR)
 
 # Hard limits of protocol v1 (a receiver may set tighter ones).
@@ -49,6 +49,8 @@ MAX_VERSION = 2**16 - 1  # major and minor are each 0..65535
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_MERGE_SEGMENTS = 256  # checksum segments per merge (tensors are grouped to at most this many)
 MAX_MERGE_MESSAGE_BYTES = 16 * 1024
+MAX_LOGPROB_TOKENS = 4096  # per completion (the largest max_new_tokens)
+MAX_ABS_LOGPROB = 100.0  # a claimed log-prob lies in [-100, 0]
 
 
 class WireError(Exception):
@@ -180,12 +182,31 @@ class WireGroup(BaseModel):
         Field(min_length=2, max_length=MAX_COMPLETIONS_PER_GROUP),
     ]
     rewards: Annotated[list[WireFloat], Field(max_length=MAX_COMPLETIONS_PER_GROUP)]
+    # v1.1 (optional): the generator's per-token log-probs of each completion ([] = unknown for that completion)
+    # and the sha256 (hex) of its tokenizer (see PROTOCOL.md "Generator log-probs").
+    logprobs: Annotated[
+        list[Annotated[list[Annotated[StrictFloat, Field(ge=-MAX_ABS_LOGPROB, le=0.0, allow_inf_nan=False)]],
+                       Field(max_length=MAX_LOGPROB_TOKENS)]],
+        Field(max_length=MAX_COMPLETIONS_PER_GROUP),
+    ] | None = None
+    tokenizer_sha256: Annotated[StrictStr, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
 
     @model_validator(mode="after")
     def _same_length(self) -> "WireGroup":
         if len(self.rewards) != len(self.completions):
             raise ValueError("rewards and completions differ in length")
+        if self.logprobs is not None and len(self.logprobs) != len(self.completions):
+            raise ValueError("logprobs and completions differ in length")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_v11(self, handler):
+        """The v1.1 fields are written only when set, so a group without log-probs encodes exactly as in v1.0."""
+        data = handler(self)
+        if data.get("logprobs") is None:
+            data.pop("logprobs", None)
+            data.pop("tokenizer_sha256", None)
+        return data
 
 
 class RolloutPayload(_Message):
