@@ -10,7 +10,12 @@
 2. Train-step seconds per 1k completion tokens of the node's `Trainer.step` (shared-prompt forward, LM head on
    completion positions only, bf16 autocast, fused AdamW) vs a naive fp32 step (one full prompt + completion
    forward per completion, full-vocabulary log-softmax, micro-batch 4, AdamW), same groups.
-3. Peak RSS and the share of round time spent in swarm work (publish + collect minus idle waiting, which
+3. The training step's achieved FLOP/s as a share of this machine's own bf16 matmul peak, both measured in this
+   run with the same threads (`torch.matmul` of two 4096 x 4096 bf16 matrices, best of 5), the share of padding
+   in the tokens it runs, and what shortens it (issue 11, part 4): micro-batches of 4 with and without sorting a
+   group's completions by length, and (measured only, never the default: it changes the prompt) the 1- and
+   0-example prompts.
+4. Peak RSS and the share of round time spent in swarm work (publish + collect minus idle waiting, which
    includes fetching and verifying peers' groups) from a real 2-node SmolLM2 local swarm (`swarm-node swarm`).
 
 Prints a table and writes benchmarks/results/node_speed.json. Timings depend on machine load, which is
@@ -138,6 +143,109 @@ def bench_compute(args) -> dict:
     }
 
 
+def matmul_peak_flops(n: int = 4096, repeats: int = 5) -> float:
+    """This machine's bf16 matmul FLOP/s with the current torch threads: 2 n^3 / (best time of `repeats`)."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    torch.matmul(a, b)  # warm-up (oneDNN picks its kernel)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def step_flops(policy, micro: list, padded: bool = True) -> float:
+    """Matmul FLOPs of one `Trainer.step` (forward + backward = 3x forward; Kaplan et al. 2020, "Scaling Laws",
+    C = 6 N per token) over its micro-batches: the decoder's non-embedding weights on every position it runs
+    (the prompt once, then B x (Tc - 1) completion positions, padded to the micro-batch's longest unless
+    `padded` is False), the LM head on the B x Tc completion positions, and attention scores and values
+    (4 x layers x hidden x query x key positions)."""
+    cfg = policy.model.config
+    H, layers, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    n_dec = sum(p.numel() for p in policy.model.parameters()) - V * H * (1 if cfg.tie_word_embeddings else 2)
+    total = 0.0
+    for batch in micro:
+        Tp = len(batch[0].prompt_ids)
+        lengths = [len(s.completion_ids) for s in batch]
+        cols = [max(lengths)] * len(batch) if padded else lengths
+        dec_positions = Tp + sum(c - 1 for c in cols)
+        attn = 4 * layers * H * (Tp * Tp / 2 + sum((c - 1) * (Tp + c / 2) for c in cols))
+        total += 2 * n_dec * dec_positions + 2 * V * H * sum(cols) + attn
+    return 3 * total
+
+
+class UnsortedTrainer(Trainer):
+    """The trainer with the micro-batching before length sorting: a group's completions split in arrival order."""
+
+    def _micro_batches(self, sequences):
+        batches = []
+        for s in sequences:
+            last = batches[-1] if batches else None
+            if last and last[0].prompt_ids == s.prompt_ids and len(last) < self.config.micro_batch_size:
+                last.append(s)
+            else:
+                batches.append([s])
+        return batches
+
+
+def bench_train_step(args, groups_per_repeat: list[list[Group]] | None = None) -> dict:
+    """Training-step FLOP/s against the machine's bf16 matmul peak, padding share, and step time of the variants
+    (interleaved per repeat, medians), on the same groups."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    policy = load_policy("smollm2-135m", precision="auto")
+    taskset = TaskSet("smol", [], -1, 0, 100_000)
+    if groups_per_repeat is None:  # sample the groups here (the same way bench_compute does)
+        rng, trainer = random.Random(0), Trainer(policy, TrainConfig(), taskset)
+        groups_per_repeat = []
+        for _ in range(args.repeats):
+            specs = [taskset.draw(rng) for _ in range(I)]
+            out = generate(policy, [trainer.prompt_text(s) for s in specs], L, MAX_NEW_TOKENS, 1.0)
+            groups = []
+            for spec, completions in zip(specs, out.completions):
+                rewards = [score(recreate(spec), c) for c in completions]
+                rewards[0] = 1.0 - rewards[0] if max(rewards) == min(rewards) else rewards[0]  # every group trains
+                groups.append(Group(spec, completions, rewards, "bench", 1, 0, policy.name))
+            groups_per_repeat.append(groups)
+    variants = {  # name -> trainer (all share one policy; each step moves it a little, irrelevant to timing)
+        "default (micro-batch 8 = one group)": Trainer(policy, TrainConfig(), taskset),
+        "micro-batch 4, unsorted": UnsortedTrainer(policy, TrainConfig(micro_batch_size=4), taskset),
+        "micro-batch 4, sorted by length": Trainer(policy, TrainConfig(micro_batch_size=4), taskset),
+        "1-example prompt (not default)": Trainer(policy, TrainConfig(), TaskSet("smol", [], 1, 0, 100_000)),
+        "0-example prompt (not default)": Trainer(policy, TrainConfig(), TaskSet("smol", [], 0, 0, 100_000)),
+    }
+    peaks, rows = [], {name: [] for name in variants}
+    for rep, groups in enumerate(groups_per_repeat):
+        peaks.append(matmul_peak_flops())
+        for name, trainer in variants.items():
+            sequences, _ = trainer._sequences(groups)
+            micro = trainer._micro_batches(sequences)
+            t0 = time.perf_counter()
+            trainer.step(groups)
+            dt = time.perf_counter() - t0
+            real = sum(len(s.completion_ids) for s in sequences)
+            run = sum(len(b) * max(len(s.completion_ids) for s in b) for b in micro)
+            rows[name].append({"step_s": dt, "flops": step_flops(policy, micro), "useful_flops":
+                               step_flops(policy, micro, padded=False), "prompt_tokens": sum(len(b[0].prompt_ids)
+                               for b in micro), "completion_tokens": real, "completion_positions_run": run})
+        print(f"repeat {rep + 1}: bf16 matmul peak {peaks[-1] / 1e9:.0f} GFLOP/s; " + "; ".join(
+            f"{n} {rows[n][-1]['step_s']:.1f} s" for n in variants), flush=True)
+    peak = statistics.median(peaks)
+    out = {"bf16_matmul_peak_gflops": peak / 1e9, "bf16_matmul_peak_gflops_raw": [p / 1e9 for p in peaks]}
+    for name, rs in rows.items():
+        step_s = statistics.median(r["step_s"] for r in rs)
+        flops = statistics.median(r["flops"] / r["step_s"] for r in rs)
+        out[name] = {"step_s": step_s, "achieved_gflops": flops / 1e9, "share_of_peak": flops / peak,
+                     "useful_share_of_peak": statistics.median(r["useful_flops"] / r["step_s"] for r in rs) / peak,
+                     "padding_share_of_completion_positions": 1 - sum(r["completion_tokens"] for r in rs) / sum(
+                         r["completion_positions_run"] for r in rs),
+                     "prompt_tokens_per_step": statistics.fmean(r["prompt_tokens"] for r in rs),
+                     "completion_tokens_per_step": statistics.fmean(r["completion_tokens"] for r in rs),
+                     "raw": rs}
+    return out
+
+
 def bench_swarm(args, optimizer: str) -> dict:
     """A real 2-node SmolLM2 local swarm with the default settings and `optimizer`; per-round phases from
     metrics.jsonl."""
@@ -170,6 +278,7 @@ def main() -> None:
     parser.add_argument("--swarm-rounds", type=int, default=4)
     parser.add_argument("--skip-swarm", action="store_true")
     parser.add_argument("--skip-compute", action="store_true", help="only the swarm runs (peak RSS, swarm share)")
+    parser.add_argument("--skip-train-step", action="store_true", help="skip the FLOP/s and training-step variants")
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "adafactor"], choices=["adamw", "adafactor"],
                         help="one 2-node swarm per optimizer (peak RSS differs by about 1 GB)")
     parser.add_argument("--out", default="benchmarks/results/node_speed.json")
@@ -177,10 +286,18 @@ def main() -> None:
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "threads": args.threads},
               "load_average_before": os.getloadavg()}
-    if args.skip_compute and Path(args.out).exists():  # keep the compute section of the previous run
-        result.update({k: v for k, v in json.loads(Path(args.out).read_text()).items() if k != "swarm"})
+    if Path(args.out).exists():  # keep the sections of the previous run that this run skips
+        rerun = set() if args.skip_swarm else {"swarm"}
+        rerun |= set() if args.skip_train_step else {"train_step"}
+        if args.skip_compute:
+            result.update({k: v for k, v in json.loads(Path(args.out).read_text()).items() if k not in rerun})
+        else:
+            result.update({k: v for k, v in json.loads(Path(args.out).read_text()).items()
+                           if k in {"swarm", "train_step"} - rerun})
     if not args.skip_compute:
         result.update(bench_compute(args))
+    if not args.skip_train_step:
+        result["train_step"] = bench_train_step(args)
     if not args.skip_swarm:
         result["swarm"] = {opt: bench_swarm(args, opt) for opt in args.optimizers}
     if not args.skip_compute:
@@ -197,6 +314,18 @@ def main() -> None:
         t = result["train_s_per_1k_tokens"]
         table.add_row("train s / 1k completion tokens", f"{t['node']:.2f}", f"{t['naive_fp32']:.2f} (naive fp32)",
                       f"{result['train_speedup_vs_naive_fp32']:.2f}x faster", "")
+    ts = result.get("train_step")
+    if ts:
+        base = ts["default (micro-batch 8 = one group)"]
+        table.add_row("train step: share of bf16 matmul peak", f"{100 * base['share_of_peak']:.1f}%",
+                      f"{ts['bf16_matmul_peak_gflops']:.0f} GFLOP/s peak (torch.matmul bf16 4096^2)",
+                      f"{base['achieved_gflops']:.0f} GFLOP/s", "")
+        for name, v in ts.items():
+            if isinstance(v, dict) and "step_s" in v:
+                table.add_row(f"train step: {name}", f"{v['step_s']:.2f} s",
+                              f"padding {100 * v['padding_share_of_completion_positions']:.0f}% of completion "
+                              f"positions, {v['prompt_tokens_per_step']:.0f} prompt tokens",
+                              f"{base['step_s'] / v['step_s']:.2f}x", "")
     for opt, s in result.get("swarm", {}).items():
         table.add_row(f"peak RSS of a node, MB ({opt})", f"{s['peak_rss_mb']:.0f}", "", "", "<= 3072")
         table.add_row(f"swarm share of round time ({opt})", f"{100 * s['swarm_share']:.2f}%", "", "", "<= 2%")

@@ -158,14 +158,20 @@ class Trainer:
         return logprobs.view(B, Tc), mask
 
     def _micro_batches(self, sequences: list[TokenizedSample]) -> list[list[TokenizedSample]]:
-        """Split into micro-batches of at most `micro_batch_size` completions that share one prompt."""
-        batches: list[list[TokenizedSample]] = []
+        """Split into micro-batches of at most `micro_batch_size` completions that share one prompt. A group
+        larger than a micro-batch is sorted by completion length first, so that each micro-batch pads its
+        completions to a closer length (the loss is a sum over tokens: the order does not change it)."""
+        runs: list[list[TokenizedSample]] = []
         for s in sequences:
-            last = batches[-1] if batches else None
-            if last and last[0].prompt_ids == s.prompt_ids and len(last) < self.config.micro_batch_size:
-                last.append(s)
+            if runs and runs[-1][0].prompt_ids == s.prompt_ids:
+                runs[-1].append(s)
             else:
-                batches.append([s])
+                runs.append([s])
+        size, batches = self.config.micro_batch_size, []
+        for run in runs:
+            if len(run) > size:
+                run = sorted(run, key=lambda s: len(s.completion_ids))
+            batches += [run[i:i + size] for i in range(0, len(run), size)]
         return batches
 
     def step(self, groups: Sequence[Group]) -> StepStats:
