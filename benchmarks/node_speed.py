@@ -12,9 +12,9 @@
    forward per completion, full-vocabulary log-softmax, micro-batch 4, AdamW), same groups.
 3. The training step's achieved FLOP/s as a share of this machine's own bf16 matmul peak, both measured in this
    run with the same threads (`torch.matmul` of two 4096 x 4096 bf16 matrices, best of 5), the share of padding
-   in the tokens it runs, and what shortens it (issue 11, part 4): micro-batches of 4 with and without sorting a
-   group's completions by length, and (measured only, never the default: it changes the prompt) the 1- and
-   0-example prompts.
+   in the completion positions it runs, and what shortens it (issue 11, part 4): the step before length buckets
+   (one padded batch per group, LM head on every position), the length buckets, and (measured only, never the
+   default: it changes the prompt) the 1- and 0-example prompts.
 4. Peak RSS and the share of round time spent in swarm work (publish + collect minus idle waiting, which
    includes fetching and verifying peers' groups) from a real 2-node SmolLM2 local swarm (`swarm-node swarm`).
 
@@ -155,43 +155,68 @@ def matmul_peak_flops(n: int = 4096, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def step_flops(policy, micro: list, padded: bool = True) -> float:
-    """Matmul FLOPs of one `Trainer.step` (forward + backward = 3x forward; Kaplan et al. 2020, "Scaling Laws",
-    C = 6 N per token) over its micro-batches: the decoder's non-embedding weights on every position it runs
-    (the prompt once, then B x (Tc - 1) completion positions, padded to the micro-batch's longest unless
-    `padded` is False), the LM head on the B x Tc completion positions, and attention scores and values
-    (4 x layers x hidden x query x key positions)."""
+def step_flops(policy, micro: list) -> float:
+    """Useful matmul FLOPs of one `Trainer.step` (forward + backward = 3x forward; Kaplan et al. 2020, "Scaling
+    Laws", C = 6 N per token), padding excluded: the decoder's non-embedding weights on every position that must
+    run (each prompt once, then Tc_i - 1 positions per completion), the LM head on the Tc_i positions that predict
+    completion tokens, and attention scores and values (4 x layers x hidden x query positions x key positions).
+    Divided by the step time this is the model FLOPs utilisation's numerator (PaLM, Chowdhery et al. 2022)."""
     cfg = policy.model.config
     H, layers, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     n_dec = sum(p.numel() for p in policy.model.parameters()) - V * H * (1 if cfg.tie_word_embeddings else 2)
     total = 0.0
     for batch in micro:
-        Tp = len(batch[0].prompt_ids)
-        lengths = [len(s.completion_ids) for s in batch]
-        cols = [max(lengths)] * len(batch) if padded else lengths
-        dec_positions = Tp + sum(c - 1 for c in cols)
+        Tp, cols = len(batch[0].prompt_ids), [len(s.completion_ids) for s in batch]
         attn = 4 * layers * H * (Tp * Tp / 2 + sum((c - 1) * (Tp + c / 2) for c in cols))
-        total += 2 * n_dec * dec_positions + 2 * V * H * sum(cols) + attn
+        total += 2 * n_dec * (Tp + sum(c - 1 for c in cols)) + 2 * V * H * sum(cols) + attn
     return 3 * total
 
 
-class UnsortedTrainer(Trainer):
-    """The trainer with the micro-batching before length sorting: a group's completions split in arrival order."""
+class PaddedTrainer(Trainer):
+    """The training step before length buckets: one right-padded (B, Tc) batch per micro-batch on the shared
+    prompt cache, and the LM head on every position, padding included."""
 
-    def _micro_batches(self, sequences):
-        batches = []
-        for s in sequences:
-            last = batches[-1] if batches else None
-            if last and last[0].prompt_ids == s.prompt_ids and len(last) < self.config.micro_batch_size:
-                last.append(s)
-            else:
-                batches.append([s])
-        return batches
+    BUCKET_OVERHEAD_POSITIONS = 10 ** 9
+
+    def _completion_logprobs(self, model, batch):
+        from transformers import DynamicCache
+
+        prompt, pad = batch[0].prompt_ids, self.policy.tokenizer.pad_token_id
+        B, Tp, Tc = len(batch), len(prompt), max(len(s.completion_ids) for s in batch)
+        targets, mask = torch.full((B, Tc), pad, dtype=torch.long), torch.zeros((B, Tc))
+        for i, s in enumerate(batch):
+            targets[i, : len(s.completion_ids)] = torch.tensor(s.completion_ids)
+            mask[i, : len(s.completion_ids)] = 1
+        decoder = getattr(model, model.base_model_prefix)
+        cache = DynamicCache()
+        prompt_hidden = decoder(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).last_hidden_state
+        cache.batch_repeat_interleave(B)
+        picked = prompt_hidden[:, -1:].expand(B, 1, -1)
+        if Tc > 1:
+            attention = torch.cat([torch.ones((B, Tp)), mask], dim=1).long()
+            positions = torch.arange(Tp, Tp + Tc - 1).expand(B, -1)
+            hidden = decoder(input_ids=targets[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
+                             past_key_values=cache, use_cache=True).last_hidden_state
+            picked = torch.cat([picked, hidden], dim=1)
+        logits = model.get_output_embeddings()(picked).float()
+        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return logprobs.view(B, Tc), mask
+
+
+class EveryLengthTrainer(Trainer):
+    """Length buckets with no per-bucket overhead assumed: every distinct length its own decoder call."""
+
+    BUCKET_OVERHEAD_POSITIONS = 0
+
+
+def _positions_run(trainer: Trainer, micro: list) -> int:
+    """Completion positions the decoder runs, padding included, under `trainer`'s bucketing."""
+    return sum(len(rows) * Tb for b in micro for rows, Tb in trainer.length_buckets([len(s.completion_ids) for s in b]))
 
 
 def bench_train_step(args, groups_per_repeat: list[list[Group]] | None = None) -> dict:
-    """Training-step FLOP/s against the machine's bf16 matmul peak, padding share, and step time of the variants
-    (interleaved per repeat, medians), on the same groups."""
+    """Training-step model FLOPs utilisation against this machine's bf16 matmul peak, padding share, and step
+    time of the variants (interleaved per repeat, in rotating order; medians), on the same groups."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     policy = load_policy("smollm2-135m", precision="auto")
@@ -209,35 +234,36 @@ def bench_train_step(args, groups_per_repeat: list[list[Group]] | None = None) -
                 groups.append(Group(spec, completions, rewards, "bench", 1, 0, policy.name))
             groups_per_repeat.append(groups)
     variants = {  # name -> trainer (all share one policy; each step moves it a little, irrelevant to timing)
-        "default (micro-batch 8 = one group)": Trainer(policy, TrainConfig(), taskset),
-        "micro-batch 4, unsorted": UnsortedTrainer(policy, TrainConfig(micro_batch_size=4), taskset),
-        "micro-batch 4, sorted by length": Trainer(policy, TrainConfig(micro_batch_size=4), taskset),
+        "before: one padded batch per group": PaddedTrainer(policy, TrainConfig(), taskset),
+        "length buckets (default)": Trainer(policy, TrainConfig(), taskset),
+        "length buckets, every length its own call": EveryLengthTrainer(policy, TrainConfig(), taskset),
         "1-example prompt (not default)": Trainer(policy, TrainConfig(), TaskSet("smol", [], 1, 0, 100_000)),
         "0-example prompt (not default)": Trainer(policy, TrainConfig(), TaskSet("smol", [], 0, 0, 100_000)),
     }
+    names = list(variants)
     peaks, rows = [], {name: [] for name in variants}
     for rep, groups in enumerate(groups_per_repeat):
         peaks.append(matmul_peak_flops())
-        for name, trainer in variants.items():
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no variant always runs first
+            trainer = variants[name]
             sequences, _ = trainer._sequences(groups)
             micro = trainer._micro_batches(sequences)
             t0 = time.perf_counter()
             trainer.step(groups)
             dt = time.perf_counter() - t0
-            real = sum(len(s.completion_ids) for s in sequences)
-            run = sum(len(b) * max(len(s.completion_ids) for s in b) for b in micro)
-            rows[name].append({"step_s": dt, "flops": step_flops(policy, micro), "useful_flops":
-                               step_flops(policy, micro, padded=False), "prompt_tokens": sum(len(b[0].prompt_ids)
-                               for b in micro), "completion_tokens": real, "completion_positions_run": run})
+            rows[name].append({"step_s": dt, "useful_flops": step_flops(policy, micro),
+                               "prompt_tokens": sum(len(b[0].prompt_ids) for b in micro),
+                               "completion_tokens": sum(len(s.completion_ids) for s in sequences),
+                               "completion_positions_run": _positions_run(trainer, micro)})
         print(f"repeat {rep + 1}: bf16 matmul peak {peaks[-1] / 1e9:.0f} GFLOP/s; " + "; ".join(
-            f"{n} {rows[n][-1]['step_s']:.1f} s" for n in variants), flush=True)
+            f"{n} {rows[n][-1]['step_s']:.1f} s" for n in names), flush=True)
     peak = statistics.median(peaks)
-    out = {"bf16_matmul_peak_gflops": peak / 1e9, "bf16_matmul_peak_gflops_raw": [p / 1e9 for p in peaks]}
+    out = {"bf16_matmul_peak_gflops": peak / 1e9, "bf16_matmul_peak_gflops_raw": [p / 1e9 for p in peaks],
+           "load_average": os.getloadavg()}
     for name, rs in rows.items():
-        step_s = statistics.median(r["step_s"] for r in rs)
-        flops = statistics.median(r["flops"] / r["step_s"] for r in rs)
-        out[name] = {"step_s": step_s, "achieved_gflops": flops / 1e9, "share_of_peak": flops / peak,
-                     "useful_share_of_peak": statistics.median(r["useful_flops"] / r["step_s"] for r in rs) / peak,
+        flops = statistics.median(r["useful_flops"] / r["step_s"] for r in rs)
+        out[name] = {"step_s": statistics.median(r["step_s"] for r in rs), "achieved_gflops": flops / 1e9,
+                     "share_of_peak": flops / peak,
                      "padding_share_of_completion_positions": 1 - sum(r["completion_tokens"] for r in rs) / sum(
                          r["completion_positions_run"] for r in rs),
                      "prompt_tokens_per_step": statistics.fmean(r["prompt_tokens"] for r in rs),
@@ -316,7 +342,7 @@ def main() -> None:
                       f"{result['train_speedup_vs_naive_fp32']:.2f}x faster", "")
     ts = result.get("train_step")
     if ts:
-        base = ts["default (micro-batch 8 = one group)"]
+        base = ts["length buckets (default)"]
         table.add_row("train step: share of bf16 matmul peak", f"{100 * base['share_of_peak']:.1f}%",
                       f"{ts['bf16_matmul_peak_gflops']:.0f} GFLOP/s peak (torch.matmul bf16 4096^2)",
                       f"{base['achieved_gflops']:.0f} GFLOP/s", "")
@@ -325,7 +351,7 @@ def main() -> None:
                 table.add_row(f"train step: {name}", f"{v['step_s']:.2f} s",
                               f"padding {100 * v['padding_share_of_completion_positions']:.0f}% of completion "
                               f"positions, {v['prompt_tokens_per_step']:.0f} prompt tokens",
-                              f"{base['step_s'] / v['step_s']:.2f}x", "")
+                              f"{ts['before: one padded batch per group']['step_s'] / v['step_s']:.2f}x vs before", "")
     for opt, s in result.get("swarm", {}).items():
         table.add_row(f"peak RSS of a node, MB ({opt})", f"{s['peak_rss_mb']:.0f}", "", "", "<= 3072")
         table.add_row(f"swarm share of round time ({opt})", f"{100 * s['swarm_share']:.2f}%", "", "", "<= 2%")
