@@ -217,7 +217,8 @@ def _ratio_table(results: dict[str, Any], order: list[str]) -> list[str]:
                      f"{_fmt(eq['ood_at_equal_tokens'], 3)} | "
                      f"{statistics.fmean(r['tokens_per_agent'] for r in runs):.0f} | {' '.join(commits)} |")
     lines += ["", f"Ratio to {results['baseline']} (paired by seed: ratio of seed means, percentile bootstrap 95% "
-              "interval over seeds, 10,000 resamples):", "",
+              "interval over seeds, 10,000 resamples; with fewer than 3 seeds it only spans the seeds' own ratios, "
+              "not a real confidence interval):", "",
               "| arm | " + " | ".join(RATIO_KEYS.values()) + " |", "|---|" + "---|" * len(RATIO_KEYS)]
     for name in order:
         ci = arms[name].get("ci_vs_baseline", {})
