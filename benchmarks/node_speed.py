@@ -257,13 +257,22 @@ def bench_train_step(args, groups_per_repeat: list[list[Group]] | None = None) -
                                "completion_positions_run": _positions_run(trainer, micro)})
         print(f"repeat {rep + 1}: bf16 matmul peak {peaks[-1] / 1e9:.0f} GFLOP/s; " + "; ".join(
             f"{n} {rows[n][-1]['step_s']:.1f} s" for n in names), flush=True)
-    peak = statistics.median(peaks)
-    out = {"bf16_matmul_peak_gflops": peak / 1e9, "bf16_matmul_peak_gflops_raw": [p / 1e9 for p in peaks],
-           "load_average": os.getloadavg()}
+    return {**summarize_train_step(rows, peaks), "load_average": os.getloadavg()}
+
+
+def summarize_train_step(rows: dict[str, list[dict]], peaks: list[float]) -> dict:
+    """Medians over repeats, each repeat paired with the matmul peak measured just before it and with the
+    "before" variant's step on the same groups (the machine's load moves between repeats, not within one)."""
+    before = rows["before: one padded batch per group"]
+    out = {"bf16_matmul_peak_gflops": statistics.median(peaks) / 1e9,
+           "bf16_matmul_peak_gflops_raw": [p / 1e9 for p in peaks]}
     for name, rs in rows.items():
-        flops = statistics.median(r["useful_flops"] / r["step_s"] for r in rs)
-        out[name] = {"step_s": statistics.median(r["step_s"] for r in rs), "achieved_gflops": flops / 1e9,
-                     "share_of_peak": flops / peak,
+        flops = [r["useful_flops"] / r["step_s"] for r in rs]
+        out[name] = {"step_s": statistics.median(r["step_s"] for r in rs),
+                     "step_time_ratio_to_before": statistics.median(r["step_s"] / b["step_s"]
+                                                                    for r, b in zip(rs, before)),
+                     "achieved_gflops": statistics.median(flops) / 1e9,
+                     "share_of_peak": statistics.median(f / p for f, p in zip(flops, peaks)),
                      "padding_share_of_completion_positions": 1 - sum(r["completion_tokens"] for r in rs) / sum(
                          r["completion_positions_run"] for r in rs),
                      "prompt_tokens_per_step": statistics.fmean(r["prompt_tokens"] for r in rs),
@@ -351,7 +360,7 @@ def main() -> None:
                 table.add_row(f"train step: {name}", f"{v['step_s']:.2f} s",
                               f"padding {100 * v['padding_share_of_completion_positions']:.0f}% of completion "
                               f"positions, {v['prompt_tokens_per_step']:.0f} prompt tokens",
-                              f"{ts['before: one padded batch per group']['step_s'] / v['step_s']:.2f}x vs before", "")
+                              f"{v['step_time_ratio_to_before']:.2f}x the step time before", "")
     for opt, s in result.get("swarm", {}).items():
         table.add_row(f"peak RSS of a node, MB ({opt})", f"{s['peak_rss_mb']:.0f}", "", "", "<= 3072")
         table.add_row(f"swarm share of round time ({opt})", f"{100 * s['swarm_share']:.2f}%", "", "", "<= 2%")
