@@ -5,12 +5,19 @@ agent per round, arms 8/0, 6/2, 4/4 and 2/6 (local/external groups), metric: cum
 agents and rounds. Each (arm, seed) is one `LocalSwarm` of N `swarm-node run` processes on 127.0.0.1 (the same
 code path as a user's node), so the only difference between arms is the number of local and external groups.
 
-Fairness additions (shared/SAPO.md, "weak points"):
+Fairness additions (docs/results.md):
 - a **control** arm: all-local, with zero-advantage filtering of local groups by over-sampling
   (`local_oversample`), which separates the gain from sharing from the gain from filtering;
 - reward on each agent's **own** completions (`reward_local_mean`) next to the training-batch reward;
-- greedy accuracy on a fixed **held-out** set every M rounds (`eval.jsonl`);
-- several seeds (task streams and sampling), reported as mean and spread.
+- greedy accuracy on fixed **held-out** sets every M rounds (`eval.jsonl`): in distribution and, in the issue 11
+  presets, out of distribution (swarm_node/evaluation.py);
+- several seeds (task streams and sampling), reported with paired bootstrap intervals of the ratio to the baseline
+  and with accuracy against each node's own compute (swarm_node/results.py).
+
+Arms and presets live in swarm_node/experiment_presets.py: an arm is a dict of node-setting overrides, and a
+preset may give each agent its own settings (the `heterogeneous` preset's one task per agent). Every run records
+its settings and the git commit (and whether the code differed from it) of every start in `run.json`, and of the
+finish in `done.json`.
 
 Resumable: each run directory holds the nodes' checkpoints while it runs (every `checkpoint_every_rounds`),
 so an interrupted experiment restarted with the same command continues every unfinished run from its last
@@ -122,10 +129,6 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
     for arm in {a.name: a for a, _ in runs}.values():  # fail before the first run, not hours into the plan
         if isinstance(resolve_settings(arm), str):
             raise ExperimentError(resolve_settings(arm) + "; run the other arms (--arms) or update the node")
-    settings["baseline"] = f"local{preset.groups_per_round}-ext0"
-    saved = json.loads(settings_path.read_text())
-    if "baseline" not in saved:
-        settings_path.write_text(json.dumps({**saved, "baseline": settings["baseline"]}, indent=1))
 
     def interrupt(signum, frame):  # SIGTERM (and SIGINT, which background shells ignore) stop like Ctrl-C
         raise KeyboardInterrupt
