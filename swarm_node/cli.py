@@ -69,11 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp_sub = experiment.add_subparsers(dest="experiment_command", required=True)
     sapo = exp_sub.add_parser("sapo", help="run (or continue) every arm and seed of a preset, then write results")
     sapo.add_argument("--preset", default="smol", help="tiny (CI smoke, minutes), smol (SmolLM2, 4 agents, hours on "
-                      "2 cores) or paper (the paper's sizes, for GPUs)")
+                      "2 cores), homogeneous and heterogeneous (issue 11: sharing arms, 3 seeds, about a day each on 2 "
+                      "cores; docs/results.md) or paper (the paper's sizes, for GPUs)")
     sapo.add_argument("--name", default=None, help="experiment name (default: the preset); output in ROOT/NAME")
     sapo.add_argument("--root", default="experiments", help="directory holding experiments")
     sapo.add_argument("--arms", nargs="*", default=None, help="arms to run (default: the preset's), e.g. "
-                      "local4-ext0 local2-ext2 control")
+                      "local4-ext0 local2-ext2 control, or short names such as 4/0 2/2 2/2-tis")
     sapo.add_argument("--seeds", nargs="*", type=int, default=None, help="seeds to run (default: the preset's)")
     sapo.add_argument("--rounds", type=int, default=None, help="rounds per run (default: the preset's)")
     sapo.add_argument("--model", default=None, help="policy model for every agent (default: the preset's)")

@@ -70,6 +70,17 @@ class TaskConfig(_Section):
         7_777_777, description="Dataset seed of the held-out set. Training questions come from task_seed's datasets, "
         "so the held-out questions are generated independently of them (tiny tasks can still repeat a question)."
     )
+    stream_tasks: list[str] = Field(
+        default_factory=list,
+        description="Restrict this node's own task stream to these tasks of the preset (names, e.g. `chain_sum`); "
+        "empty draws from all of them. The node still verifies and trains on peers' groups of every task, and "
+        "its held-out sets still cover every task: a specialist node (the heterogeneous experiment).",
+    )
+    eval_ood_num_questions: int = Field(
+        0, ge=0, le=4096, description="Also score the policy on a fixed out-of-distribution set of this many "
+        "questions at every evaluation (tasks no node of the preset trains on and harder sizes of its tasks, under a "
+        "differently worded prompt; swarm_node/evaluation.py); 0 turns it off. Only the `smol` preset defines one.",
+    )
 
 
 class TrainConfig(_Section):

@@ -5,12 +5,19 @@ agent per round, arms 8/0, 6/2, 4/4 and 2/6 (local/external groups), metric: cum
 agents and rounds. Each (arm, seed) is one `LocalSwarm` of N `swarm-node run` processes on 127.0.0.1 (the same
 code path as a user's node), so the only difference between arms is the number of local and external groups.
 
-Fairness additions (shared/SAPO.md, "weak points"):
+Fairness additions (docs/results.md):
 - a **control** arm: all-local, with zero-advantage filtering of local groups by over-sampling
   (`local_oversample`), which separates the gain from sharing from the gain from filtering;
 - reward on each agent's **own** completions (`reward_local_mean`) next to the training-batch reward;
-- greedy accuracy on a fixed **held-out** set every M rounds (`eval.jsonl`);
-- several seeds (task streams and sampling), reported as mean and spread.
+- greedy accuracy on fixed **held-out** sets every M rounds (`eval.jsonl`): in distribution and, in the issue 11
+  presets, out of distribution (swarm_node/evaluation.py);
+- several seeds (task streams and sampling), reported with paired bootstrap intervals of the ratio to the baseline
+  and with accuracy against each node's own compute (swarm_node/results.py).
+
+Arms and presets live in swarm_node/experiment_presets.py: an arm is a dict of node-setting overrides, and a
+preset may give each agent its own settings (the `heterogeneous` preset's one task per agent). Every run records
+its settings and the git commit (and whether the code differed from it) of every start in `run.json`, and of the
+finish in `done.json`.
 
 Resumable: each run directory holds the nodes' checkpoints while it runs (every `checkpoint_every_rounds`),
 so an interrupted experiment restarted with the same command continues every unfinished run from its last
@@ -20,123 +27,77 @@ Runs go seed by seed, so a partial experiment already has every arm of the first
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from swarm_node.config import leaf_fields
 from swarm_node.errors import OperatorError
+from swarm_node.experiment_presets import (  # noqa: F401  (re-exported)
+    LEGACY_VALUES, PRESETS, Arm, ExperimentError, Preset, paper_arms, sharing_arms)
 from swarm_node.launcher import LocalSwarm
 
 console = Console(highlight=False)
 MAX_ATTEMPTS = 3  # a run whose swarm fails is continued from its checkpoints this many times in all
 
 
-class ExperimentError(OperatorError):
-    """An experiment that cannot run as asked (unknown preset or arm, a run that failed); says what to do."""
+def git_provenance() -> dict[str, Any]:
+    """The code that runs: `git rev-parse HEAD` of the checkout holding swarm_node, and whether its code
+    (swarm_node/, pyproject.toml; tracked files only) differs from that commit. Nulls outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--",
+                                 "swarm_node", "pyproject.toml"], capture_output=True, text=True, timeout=30,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(status)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Arm:
-    """One arm: `local` groups from the agent's own stream and `external` groups from the swarm per round.
-
-    `oversample` > 1 is the control arm: it generates local x oversample questions and keeps `local` of them,
-    those with non-zero advantage first.
-    """
-
-    name: str
-    local: int
-    external: int
-    oversample: int = 1
-
-    @property
-    def label(self) -> str:
-        base = f"{self.local}/{self.external}"
-        return f"{base} + local filter (x{self.oversample})" if self.oversample > 1 else base
-
-    def overrides(self) -> dict[str, Any]:
-        return {"num_local_groups": self.local, "num_external_groups": self.external,
-                "local_oversample": self.oversample}
-
-
-def paper_arms(groups_per_round: int, oversample: int = 2) -> dict[str, Arm]:
-    """The paper's 8/0, 6/2, 4/4, 2/6 scaled to `groups_per_round` (a multiple of 4), plus the control arm."""
-    if groups_per_round % 4:
-        raise ExperimentError(f"groups per round must be a multiple of 4 to scale 8/0, 6/2, 4/4, 2/6 (got {groups_per_round})")
-    q = groups_per_round // 4
-    arms = [Arm(f"local{groups_per_round - k * q}-ext{k * q}", groups_per_round - k * q, k * q) for k in range(4)]
-    arms.append(Arm("control", groups_per_round, 0, oversample))
-    return {a.name: a for a in arms}
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """Sizes of one experiment preset. `overrides` are node settings shared by every arm; `notes` says what was
-    scaled down and why (written next to the results)."""
-
-    name: str
-    agents: int
-    rounds: int
-    groups_per_round: int
-    seeds: tuple[int, ...]
-    arm_order: tuple[str, ...]
-    overrides: dict[str, Any]
-    notes: tuple[str, ...]
-
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
-        name="tiny", agents=2, rounds=2, groups_per_round=4, seeds=(0, 1),
-        arm_order=("local4-ext0", "local2-ext2", "control"),
-        overrides=dict(model="tiny", num_completions=4, max_new_tokens=8, eval_every_rounds=1, eval_num_questions=8,
-                       filter_zero_advantage=False, collect_timeout_s=20, checkpoint_every_rounds=1),
-        notes=("CI smoke test of the harness, not of the science: a random 2-layer model that never scores, so "
-               "zero-advantage filtering is off.",),
-    ),
-    "smol": Preset(
-        name="smol", agents=4, rounds=24, groups_per_round=4, seeds=(0, 1),
-        arm_order=("local4-ext0", "local2-ext2", "control", "local3-ext1", "local1-ext3"),
-        overrides=dict(model="smollm2-135m", task_preset="smol", num_completions=8, max_new_tokens=32,
-                       eval_every_rounds=6, eval_num_questions=64, checkpoint_every_rounds=4, checkpoint_keep=1,
-                       collect_timeout_s=90),
-        notes=(
-            "4 agents instead of 8 (2 CPU cores; each agent gets 1 torch thread).",
-            "SmolLM2-135M-Instruct instead of Qwen2.5-0.5B (the embedded model; it runs on CPU).",
-            "4 groups per round instead of 8, so the arms 8/0, 6/2, 4/4, 2/6 become 4/0, 3/1, 2/2, 1/3.",
-            "L = 8 completions as in the paper, but 32 new tokens instead of 256 and a two-example few-shot prompt "
-            "(the base model never writes <answer> tags otherwise; shared/SAPO.md).",
-            "Four easy tasks (chain_sum and basic_arithmetic with 2 one-digit terms, letter_counting, syllogism) "
-            "instead of the paper's nine; base reward about 0.17 (benchmarks/results/base_reward.json).",
-            "24 rounds instead of 2000.",
-        ),
-    ),
-    "paper": Preset(
-        name="paper", agents=8, rounds=2000, groups_per_round=8, seeds=(0, 1, 2),
-        arm_order=("local8-ext0", "local4-ext4", "control", "local6-ext2", "local2-ext6"),
-        overrides=dict(task_preset="paper", num_completions=8, max_new_tokens=256, eval_every_rounds=50,
-                       eval_num_questions=200, checkpoint_every_rounds=20, checkpoint_keep=1),
-        notes=("The paper's settings (8 agents, 8 groups of 8, 256 tokens, nine tasks, 2000 rounds); pass "
-               "--model PATH to a local Qwen2.5-0.5B directory to match it. Needs GPUs.",),
-    ),
-}
+def resolve_settings(arm: Arm) -> dict[str, Any] | str:
+    """The arm's settings this build can run: unknown settings at their `LEGACY_VALUES` are dropped (the build
+    does that anyway). Returns the settings, or a sentence saying why the arm cannot run here."""
+    known = leaf_fields()
+    out = {}
+    for name, value in arm.settings.items():
+        if name in known:
+            out[name] = value
+        elif LEGACY_VALUES.get(name, object()) != value:
+            return f"arm {arm.name} needs the node setting {name}={value!r}, which this build lacks"
+    return out
 
 
 def run_dir(root: Path, arm: str, seed: int) -> Path:
     return root / "runs" / f"{arm}-seed{seed}"
 
 
+def _arm_order(preset: Preset) -> list[str]:
+    table = preset.arms()
+    return [n for n in preset.arm_order if n not in preset.optional_arms or isinstance(resolve_settings(table[n]), dict)]
+
+
 def plan(preset: Preset, arms: list[str] | None, seeds: list[int] | None) -> list[tuple[Arm, int]]:
-    """The (arm, seed) runs in execution order: seed by seed, arms in the preset's priority order."""
-    table = paper_arms(preset.groups_per_round)
-    names = arms or list(preset.arm_order)
+    """The (arm, seed) runs in execution order: seed by seed, arms in the preset's priority order. Arms may be
+    given by name (`local2-ext2-tis`) or short name (`2/2-tis`).
+
+    Raises:
+        ExperimentError: an unknown arm.
+    """
+    table = preset.arms()
+    by_short = {a.short_name: a.name for a in table.values()}
+    names = [by_short.get(n, n) for n in arms] if arms else _arm_order(preset)
     for name in names:
         if name not in table:
-            raise ExperimentError(f"unknown arm {name!r} for preset {preset.name}; choose from {', '.join(table)}")
+            raise ExperimentError(f"unknown arm {name!r} for preset {preset.name}; choose from "
+                                  f"{', '.join(f'{a.name} ({a.short_name})' for a in table.values())}")
     return [(table[name], seed) for seed in (seeds or list(preset.seeds)) for name in names]
 
 
@@ -153,6 +114,8 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
     overrides = {**preset.overrides, **(extra_overrides or {})}
     settings = {"preset": preset.name, "agents": preset.agents, "rounds": rounds or preset.rounds,
                 "groups_per_round": preset.groups_per_round, "overrides": overrides, "notes": list(preset.notes)}
+    if preset.per_agent:  # absent for presets without per-agent settings, so older experiment.json files match
+        settings["per_agent"] = [dict(x) for x in preset.per_agent]
     root.mkdir(parents=True, exist_ok=True)
     settings_path = root / "experiment.json"
     if settings_path.exists():
@@ -163,6 +126,9 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
     else:
         settings_path.write_text(json.dumps(settings, indent=1))
     runs = plan(preset, arms, seeds)
+    for arm in {a.name: a for a, _ in runs}.values():  # fail before the first run, not hours into the plan
+        if isinstance(resolve_settings(arm), str):
+            raise ExperimentError(resolve_settings(arm) + "; run the other arms (--arms) or update the node")
 
     def interrupt(signum, frame):  # SIGTERM (and SIGINT, which background shells ignore) stop like Ctrl-C
         raise KeyboardInterrupt
@@ -177,10 +143,15 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
             console.print(f"{arm.name} seed {seed}: done")
             continue
         console.print(f"[bold]{arm.name} ({arm.label}) seed {seed}[/] in {d}")
-        run_overrides = {**overrides, **arm.overrides(), "seed": seed, "task_seed": seed}
+        run_overrides = {**overrides, **resolve_settings(arm), "seed": seed, "task_seed": seed}
+        d.mkdir(parents=True, exist_ok=True)
+        record = {"arm": arm.name, "label": arm.label, "seed": seed, "settings": run_overrides,
+                  "per_agent": [dict(x) for x in preset.per_agent]}
+        _record_attempt(d / "run.json", record)
         t0 = time.time()
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            swarm = LocalSwarm(preset.agents, settings["rounds"], str(d), None, run_overrides, resume=True)
+            swarm = LocalSwarm(preset.agents, settings["rounds"], str(d), None, run_overrides, resume=True,
+                               node_overrides=[dict(x) for x in preset.per_agent] or None)
             try:
                 status = swarm.run("interrupted: the next start continues from the last checkpoints")
             except OperatorError as e:  # a node that failed to start
@@ -197,7 +168,8 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
             raise ExperimentError(f"run {arm.name} seed {seed} failed {MAX_ATTEMPTS} times; see the node logs in {d} "
                                   "(rerun the same command to continue from the last checkpoints)")
         (d / "done.json").write_text(json.dumps({"arm": arm.name, "label": arm.label, "seed": seed,
-                                                 "wall_s": round(time.time() - t0, 1), "finished_at": time.time()}))
+                                                 "wall_s": round(time.time() - t0, 1), "finished_at": time.time(),
+                                                 **git_provenance()}))
         for node in sorted(d.glob("node*")):  # keep the logs, drop the model checkpoints
             shutil.rmtree(node / "checkpoints", ignore_errors=True)
     from swarm_node.results import write_results
@@ -205,3 +177,11 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
     md = write_results(root)
     console.print(f"results: {md}")
     return 0
+
+
+def _record_attempt(path: Path, record: dict[str, Any]) -> None:
+    """Write run.json (arm, seed, settings) and append this start's git commit and dirty flag to its `starts`,
+    so a run resumed under other code says so."""
+    starts = json.loads(path.read_text()).get("starts", []) if path.exists() else []
+    starts.append({**git_provenance(), "started_at": time.time()})
+    path.write_text(json.dumps({**record, "starts": starts}, indent=1))

@@ -52,7 +52,8 @@ class LocalSwarm:
     """Owns the node processes of one local swarm. Use `start()`, `wait()`, `stop()`."""
 
     def __init__(self, num_nodes: int, rounds: int, output_dir: str, config_file: str | None,
-                 overrides: dict[str, Any], resume: bool = False):
+                 overrides: dict[str, Any], resume: bool = False,
+                 node_overrides: list[dict[str, Any]] | None = None):
         if num_nodes < 1:
             raise LauncherError("--nodes must be at least 1")
         if rounds < 1:
@@ -69,6 +70,12 @@ class LocalSwarm:
         if self.config.merge.merge_mode != "off" and self.config.merge.merge_target_group_size == 0:
             self.overrides["merge_target_group_size"] = max(num_nodes, self.config.merge.merge_min_group_size)
         self.resume = resume
+        # per-node settings on top of the shared ones (e.g. each agent's own task in an experiment)
+        self.node_overrides = list(node_overrides or [])
+        if self.node_overrides and len(self.node_overrides) != num_nodes:
+            raise LauncherError(f"{len(self.node_overrides)} per-node settings for {num_nodes} nodes")
+        for extra in self.node_overrides:  # validate every node's settings before any process starts
+            load_config(config_file, {**self.overrides, **extra})
         self.procs: list[subprocess.Popen] = []
         self._printed: list[int] = [0] * num_nodes
 
@@ -89,7 +96,7 @@ class LocalSwarm:
             argv += ["--config", self.config_file]
         if bootstrap_file is not None:
             argv += ["--initial-peers-file", str(bootstrap_file)]
-        argv += _flags(self.overrides)
+        argv += _flags({**self.overrides, **(self.node_overrides[i] if self.node_overrides else {})})
         log = open(d / "node.log", "a" if self.resume else "w")
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

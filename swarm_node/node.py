@@ -120,7 +120,11 @@ class Node:
         self._verify_worker = VerifyWorker(cfg.network.verify_memory_mb, cfg.network.verify_timeout_s)
         self._verify_worker.launch()
         self.taskset = TaskSet(cfg.tasks.task_preset, cfg.tasks.tasks, cfg.tasks.num_fewshot,
-                               cfg.tasks.task_seed, cfg.tasks.dataset_size)
+                               cfg.tasks.task_seed, cfg.tasks.dataset_size, cfg.tasks.stream_tasks)
+        if cfg.tasks.eval_ood_num_questions:
+            from swarm_node.evaluation import ood_specs
+
+            ood_specs(cfg.tasks.task_preset, 1, cfg.tasks.dataset_size)  # a preset without an OOD set fails now
         peer_id = self.identity.peer_id.to_base58()
         self.rng = random.Random(stream_seed(cfg.tasks.task_seed, peer_id))
         log.info("peer ID %s; loading model %s", peer_id, cfg.train.model)
@@ -459,30 +463,14 @@ class Node:
                  line["num_questions"])
 
     def _evaluate(self) -> dict[str, Any]:
-        """Greedy accuracy (strict verifier) on the fixed held-out set of `eval_num_questions` questions."""
-        from swarm_node.learning.generation import generate
-        from swarm_node.learning.tasks import has_answer_tags
+        """Greedy accuracy (strict verifier) on the fixed held-out sets (swarm_node/evaluation.py)."""
+        from swarm_node.evaluation import evaluate
 
-        t0 = time.perf_counter()
-        tasks = self.config.tasks
-        specs = self.taskset.heldout(tasks.eval_num_questions, tasks.eval_seed)
-        per_task: dict[str, list[float]] = {}
-        formatted = 0
-        batch_size = 8  # prompts per generate call: bounds the prefill's transient memory
-        for i in range(0, len(specs), batch_size):
-            chunk = specs[i:i + batch_size]
-            out = generate(self.policy, [self.trainer.prompt_text(s) for s in chunk], 1,
-                           self.config.train.max_new_tokens, 1.0, greedy=True)
-            for spec, completions in zip(chunk, out.completions):
-                per_task.setdefault(spec.dataset, []).append(score(recreate(spec), completions[0]))
-                formatted += has_answer_tags(completions[0])
+        line = evaluate(self.policy, self.trainer.prompt_text, self.taskset, self.config.tasks,
+                        self.config.train.max_new_tokens)
         release_free_memory()
-        scores = [x for v in per_task.values() for x in v]
         return {"round": self.round, "peer_id": self.peer_id, "policy_version": self.trainer.policy_version,
-                "heldout_accuracy": sum(scores) / len(scores), "num_questions": len(scores),
-                "heldout_format_rate": formatted / len(scores),
-                "heldout_by_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
-                "eval_s": round(time.perf_counter() - t0, 3), "time_s": time.time()}
+                **line, "time_s": time.time()}
 
     async def _wait_for_peers(self) -> None:
         net = self.config.network

@@ -10,7 +10,9 @@ Metrics (per agent per round, from `metrics.jsonl`):
 - cumulative reward: the paper's metric, a reward summed over agents and rounds; here the per-round means
   above are summed, so an arm's value is comparable whatever its group counts.
 Held-out accuracy (from `eval.jsonl`): greedy accuracy on a fixed question set no agent trains on, averaged
-over agents.
+over agents; the out-of-distribution set's (`ood_accuracy`) where logged (swarm_node/evaluation.py).
+Ratios to the baseline (4/0) are paired by seed, with percentile-bootstrap 95% intervals, and held-out accuracy
+is also compared at equal node compute (tokens, seconds): swarm_node/results_stats.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-MOVING_AVERAGE_ROUNDS = 5
+from swarm_node.results_stats import accuracy_at, compute_curve, paired_bootstrap_ratio
+
+RATIO_KEYS = {  # per-run value -> its column title in the ratio table
+    "cumulative_reward_local": "cumulative reward, own completions",
+    "heldout_last": "held-out acc., end",
+    "ood_last": "OOD acc., end",
+    "heldout_at_equal_tokens": "held-out acc. at equal tokens",
+    "heldout_at_equal_seconds": "held-out acc. at equal seconds",
+    "ood_at_equal_tokens": "OOD acc. at equal tokens",
+}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -59,7 +70,14 @@ def summarize_run(run: dict[str, Any], rounds: int) -> dict[str, Any]:
         for e in a["eval"]:
             evals.setdefault(e["round"], []).append(e["heldout_accuracy"])
     heldout = {r: statistics.fmean(v) for r, v in sorted(evals.items())}
+    ood_curve = compute_curve(run["agents"], rounds, "ood_accuracy")
     return {
+        "curve_heldout": compute_curve(run["agents"], rounds),
+        "curve_ood": ood_curve,
+        "ood_first": ood_curve[0]["accuracy"] if ood_curve else None,
+        "ood_last": ood_curve[-1]["accuracy"] if ood_curve else None,
+        "tokens_per_agent": sum(m.get("tokens_generated", 0) + m.get("train_tokens", 0) for m in rows)
+        / max(1, len(run["agents"])),
         "cumulative_reward_local": sum(m["reward_local_mean"] for m in rows),
         "cumulative_reward_train": sum(m["reward_train_mean"] for m in rows),
         "mean_reward_local": statistics.fmean(m["reward_local_mean"] for m in rows) if rows else 0.0,
@@ -84,12 +102,15 @@ def collect(root: Path) -> dict[str, Any]:
             pending.append(d.name)
             continue
         arm = arms.setdefault(run["done"]["arm"], {"label": run["done"]["label"], "runs": {}})
-        arm["runs"][run["done"]["seed"]] = {**summarize_run(run, rounds), "wall_s": run["done"]["wall_s"]}
+        arm["runs"][run["done"]["seed"]] = {**summarize_run(run, rounds), "wall_s": run["done"]["wall_s"],
+                                            "git_commit": run["done"].get("git_commit"),
+                                            "git_dirty": run["done"].get("git_dirty")}
+    budgets = _equal_compute(arms)
     for arm in arms.values():
         runs = list(arm["runs"].values())
         arm["summary"] = {key: _spread([r[key] for r in runs]) for key in
                           ("cumulative_reward_local", "cumulative_reward_train", "mean_reward_local")}
-        for key in ("heldout_first", "heldout_last"):
+        for key in ("heldout_first", "heldout_last", "ood_first", "ood_last"):
             vals = [r[key] for r in runs if r[key] is not None]
             arm["summary"][key] = _spread(vals) if vals else None
         arm["summary"]["heldout_gain"] = (_spread([r["heldout_last"] - r["heldout_first"] for r in runs])
@@ -105,7 +126,28 @@ def collect(root: Path) -> dict[str, Any]:
             ratios = [arm["runs"][s]["cumulative_reward_train"] / base[s]["cumulative_reward_train"] for s in seeds
                       if base[s]["cumulative_reward_train"] > 0]
             arm["summary"]["ratio_vs_baseline_train"] = _spread(ratios) if ratios else None
-    return {"settings": settings, "baseline": baseline, "arms": arms, "pending_runs": pending}
+            arm["ci_vs_baseline"] = {}
+            for key in RATIO_KEYS:
+                pairs = [(arm["runs"][s][key], base[s][key]) for s in seeds
+                         if arm["runs"][s].get(key) is not None and base[s].get(key) is not None]
+                arm["ci_vs_baseline"][key] = paired_bootstrap_ratio([p[0] for p in pairs], [p[1] for p in pairs])
+    return {"settings": settings, "baseline": baseline, "arms": arms, "pending_runs": pending,
+            "equal_compute": budgets}
+
+
+def _equal_compute(arms: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Held-out (and OOD) accuracy of every run at the budgets every run reached: the smallest final compute
+    (tokens, seconds) over all runs. Sets `{heldout,ood}_at_equal_{tokens,seconds}` per run; returns the budgets."""
+    runs = [r for arm in arms.values() for r in arm["runs"].values()]
+    budgets: dict[str, float | None] = {}
+    for axis in ("tokens", "seconds"):
+        ends = [r["curve_heldout"][-1][axis] for r in runs if r["curve_heldout"]]
+        budgets[axis] = min(ends) if runs and len(ends) == len(runs) else None
+        for r in runs:
+            for name in ("heldout", "ood"):
+                curve = r[f"curve_{name}"]
+                r[f"{name}_at_equal_{axis}"] = accuracy_at(curve, axis, budgets[axis]) if budgets[axis] else None
+    return budgets
 
 
 def _fmt(s: dict[str, float] | None, digits: int = 2) -> str:
@@ -137,111 +179,51 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_fmt(s.get('ratio_vs_baseline_train'))} | {_fmt(s['heldout_first'], 3)} | "
             f"{_fmt(s['heldout_last'], 3)} | {statistics.fmean(r['external_used_per_round'] for r in runs):.2f} | "
             f"{statistics.fmean(r['round_s'] for r in runs):.0f} |")
+    lines += _ratio_table(results, order)
     if results["pending_runs"]:
         lines += ["", f"Unfinished runs (not in the table): {', '.join(results['pending_runs'])}."]
     lines += ["", "Scaled-down choices:", *[f"- {n}" for n in settings["notes"]]]
     return "\n".join(lines) + "\n"
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1): i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
+def _ci(c: dict[str, float] | None) -> str:
+    if not c:
+        return "-"
+    return f"{c['ratio']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]" if c["n"] > 1 else f"{c['ratio']:.2f} (1 seed)"
 
 
-def plot(root: Path, results: dict[str, Any]) -> list[Path]:
-    """The paper-style figures: per-agent reward, agent-averaged moving average with a min/max band, cumulative
-    reward per arm, and held-out accuracy per arm. Returns the PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots = root / "plots"
-    plots.mkdir(exist_ok=True)
-    names = sorted(results["arms"])
-    runs = {name: {seed: load_run(root / "runs" / f"{name}-seed{seed}") for seed in results["arms"][name]["runs"]}
-            for name in names}
-    rounds = results["settings"]["rounds"]
-    colors = {name: f"C{i}" for i, name in enumerate(names)}
-    label = {name: results["arms"][name]["label"] for name in names}
-    paths = []
-
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for seed, run in runs[name].items():
-            for agent in run["agents"]:
-                ys = [m["reward_local_mean"] for m in agent["metrics"]][:rounds]
-                ax.plot(range(1, len(ys) + 1), _moving_average(ys, MOVING_AVERAGE_ROUNDS), lw=0.9,
-                        ls="-" if seed == min(runs[name]) else "--", alpha=0.8)
-        ax.set_title(label[name], fontsize=9)
-        ax.set_xlabel("round")
-    axes[0][0].set_ylabel(f"own-completion reward ({MOVING_AVERAGE_ROUNDS}-round avg)")
-    fig.suptitle("Per-agent reward (each line one agent; dashed: later seeds)", fontsize=10)
-    fig.tight_layout()
-    paths.append(plots / "reward_per_agent.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in names:
-        series = [[m["reward_local_mean"] for m in a["metrics"]][:rounds] for run in runs[name].values()
-                  for a in run["agents"]]
-        series = [_moving_average(s, MOVING_AVERAGE_ROUNDS) for s in series if len(s) == rounds]
-        if not series:
-            continue
-        xs = range(1, rounds + 1)
-        mean = [statistics.fmean(col) for col in zip(*series)]
-        ax.plot(xs, mean, color=colors[name], label=label[name])
-        ax.fill_between(xs, [min(c) for c in zip(*series)], [max(c) for c in zip(*series)], color=colors[name],
-                        alpha=0.12)
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"own-completion reward, {MOVING_AVERAGE_ROUNDS}-round moving avg")
-    ax.set_title("Agent-averaged reward (band: min/max over agents and seeds)", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(plots / "reward_moving_average.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in names:
-        curves = []
-        for run in runs[name].values():
-            per_round = [0.0] * rounds
-            for a in run["agents"]:
-                for m in a["metrics"]:
-                    if m["round"] <= rounds:
-                        per_round[m["round"] - 1] += m["reward_local_mean"]
-            total, curve = 0.0, []
-            for v in per_round:
-                total += v
-                curve.append(total)
-            curves.append(curve)
-        xs = range(1, rounds + 1)
-        axes[0].plot(xs, [statistics.fmean(c) for c in zip(*curves)], color=colors[name], label=label[name])
-        axes[0].fill_between(xs, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)], color=colors[name],
-                             alpha=0.12)
-        held = [r["heldout_by_round"] for r in results["arms"][name]["runs"].values()]
-        eval_rounds = sorted(set.intersection(*(set(h) for h in held))) if held else []
-        if eval_rounds:
-            axes[1].plot(eval_rounds, [statistics.fmean(h[r] for h in held) for r in eval_rounds], marker="o",
-                         color=colors[name], label=label[name])
-            axes[1].fill_between(eval_rounds, [min(h[r] for h in held) for r in eval_rounds],
-                                 [max(h[r] for h in held) for r in eval_rounds], color=colors[name], alpha=0.12)
-    axes[0].set_title("Cumulative own-completion reward (sum over agents; band: seeds)", fontsize=10)
-    axes[0].set_xlabel("round")
-    axes[1].set_title("Held-out greedy accuracy (mean over agents; band: seeds)", fontsize=10)
-    axes[1].set_xlabel("round")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(plots / "cumulative_and_heldout.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+def _ratio_table(results: dict[str, Any], order: list[str]) -> list[str]:
+    """Held-out accuracies (both sets, also at equal compute) and the ratios to the baseline with paired
+    bootstrap 95% intervals, for experiments whose logs have what they need."""
+    arms = results["arms"]
+    if not any("ci_vs_baseline" in arms[n] for n in order):
+        return []
+    budget = results["equal_compute"]
+    lines = ["", "Held-out accuracy at the end (mean ± std over seeds) and at equal node compute: "
+             f"{budget.get('tokens') or 0:.0f} tokens (generated + trained) and {budget.get('seconds') or 0:.0f} s "
+             "of round time per agent, the most every run reached.", "",
+             "| arm | seeds | held-out before | held-out end | OOD before | OOD end | held-out at equal tokens | "
+             "held-out at equal seconds | OOD at equal tokens | tokens / agent | git commits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        arm, s = arms[name], arms[name]["summary"]
+        runs = list(arm["runs"].values())
+        eq = {k: _spread([r[k] for r in runs if r.get(k) is not None]) if any(r.get(k) is not None for r in runs)
+              else None for k in ("heldout_at_equal_tokens", "heldout_at_equal_seconds", "ood_at_equal_tokens")}
+        commits = sorted({(r.get("git_commit") or "?")[:8] + ("+dirty" if r.get("git_dirty") else "") for r in runs})
+        lines.append(f"| {arm['label']} | {len(runs)} | {_fmt(s['heldout_first'], 3)} | {_fmt(s['heldout_last'], 3)} "
+                     f"| {_fmt(s.get('ood_first'), 3)} | {_fmt(s.get('ood_last'), 3)} | "
+                     f"{_fmt(eq['heldout_at_equal_tokens'], 3)} | {_fmt(eq['heldout_at_equal_seconds'], 3)} | "
+                     f"{_fmt(eq['ood_at_equal_tokens'], 3)} | "
+                     f"{statistics.fmean(r['tokens_per_agent'] for r in runs):.0f} | {' '.join(commits)} |")
+    lines += ["", f"Ratio to {results['baseline']} (paired by seed: ratio of seed means, percentile bootstrap 95% "
+              "interval over seeds, 10,000 resamples; with fewer than 3 seeds it only spans the seeds' own ratios, "
+              "not a real confidence interval):", "",
+              "| arm | " + " | ".join(RATIO_KEYS.values()) + " |", "|---|" + "---|" * len(RATIO_KEYS)]
+    for name in order:
+        ci = arms[name].get("ci_vs_baseline", {})
+        lines.append(f"| {arms[name]['label']} | " + " | ".join(_ci(ci.get(k)) for k in RATIO_KEYS) + " |")
+    return lines
 
 
 def write_results(root: Path) -> Path:
@@ -259,6 +241,8 @@ def write_results(root: Path) -> Path:
         for run in arm["runs"].values():
             run["heldout_by_round"] = {int(k): v for k, v in run["heldout_by_round"].items()}
     md = root / "results.md"
+    from swarm_node.results_plots import plot
+
     figures = plot(root, results) if results["arms"] else []
     md.write_text(f"# Experiment {root.name}\n\n" + markdown(results) + "".join(
         f"\n![{p.stem}](plots/{p.name})\n" for p in figures))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -10,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from swarm_node.experiment import ExperimentError, PRESETS, paper_arms, plan
+from swarm_node.config import load_config
+from swarm_node.evaluation import SMOL_OOD_TASKS, EvaluationError, ood_messages, ood_specs
+from swarm_node.experiment import ExperimentError, PRESETS, git_provenance, paper_arms, plan, resolve_settings
+from swarm_node.experiment_presets import Arm, sharing_arms
+from swarm_node.learning.tasks import SMOL_TASKS, TaskError, TaskSet, recreate
 from swarm_node.results import collect, markdown
+from swarm_node.results_stats import accuracy_at, compute_curve, paired_bootstrap_ratio
 
 
 def test_paper_arms_scale_proportionally():
@@ -28,6 +34,85 @@ def test_plan_runs_seed_by_seed_and_rejects_unknown_arms():
     assert [(a.name, s) for a, s in runs] == [("local4-ext0", 0), ("control", 0), ("local4-ext0", 1), ("control", 1)]
     with pytest.raises(ExperimentError, match="unknown arm"):
         plan(PRESETS["smol"], ["local8-ext0"], None)
+
+
+def test_sharing_arms_are_setting_dicts_with_short_names():
+    arms = sharing_arms(4)
+    assert list(arms) == ["local4-ext0", "control", "local2-ext2", "local2-ext2-tis", "local2-ext2-learnability",
+                          "local2-ext2-tis-learnability", "local2-ext2-tis-success"]
+    paper = arms["local2-ext2"].settings
+    assert paper["off_policy_correction"] == "none" and paper["external_selection"] == "uniform"
+    assert arms["local2-ext2-tis-success"].settings["external_selection"] == "success_gated"
+    assert arms["control"].settings == {"num_local_groups": 4, "num_external_groups": 0, "local_oversample": 2}
+    runs = plan(PRESETS["homogeneous"], ["2/2-tis", "4/0", "control"], [0])
+    assert [a.name for a, _ in runs] == ["local2-ext2-tis", "local4-ext0", "control"]
+    for name in ("homogeneous", "heterogeneous"):
+        preset = PRESETS[name]
+        assert len(preset.seeds) >= 3 and preset.agents == 4
+        assert {"local4-ext0", "control", "local2-ext2"} <= set(preset.arm_order)
+    assert PRESETS["homogeneous"].rounds >= 32 and PRESETS["heterogeneous"].rounds >= 48
+
+
+def test_arm_settings_this_build_lacks_are_dropped_only_at_their_legacy_value():
+    known = Arm("a", "a", {"num_local_groups": 2, "num_external_groups": 2})
+    assert resolve_settings(known) == known.settings
+    legacy = Arm("b", "b", {"num_local_groups": 2, "no_such_setting_xyz": 1})
+    assert "no_such_setting_xyz" in resolve_settings(legacy)  # a sentence: cannot run here
+    resolved = resolve_settings(sharing_arms(4)["local2-ext2"])  # the paper's arm runs on every build
+    assert isinstance(resolved, dict) and resolved["num_external_groups"] == 2
+    load_config(None, resolved)  # and every setting it keeps is a real node setting
+
+
+def test_heterogeneous_agents_each_draw_one_task_and_the_heldout_set_covers_all():
+    preset = PRESETS["heterogeneous"]
+    streams = [a["stream_tasks"] for a in preset.per_agent]
+    assert sorted(t for s in streams for t in s) == sorted(SMOL_TASKS) and all(len(s) == 1 for s in streams)
+    cfg = load_config(None, {**preset.overrides, **preset.per_agent[0]})
+    ts = TaskSet("smol", [], -1, 0, 1000, cfg.tasks.stream_tasks)
+    rng = random.Random(0)
+    assert {ts.draw(rng).dataset for _ in range(50)} == set(streams[0])
+    assert {s.dataset for s in ts.heldout(cfg.tasks.eval_num_questions, cfg.tasks.eval_seed)} == set(SMOL_TASKS)
+    with pytest.raises(TaskError, match="not in this preset"):
+        TaskSet("smol", [], -1, 0, 1000, ["products"])
+
+
+def test_ood_set_is_fixed_unseen_by_training_and_prompted_differently():
+    specs = ood_specs("smol", 8, 1000)
+    assert specs == ood_specs("smol", 8, 1000) and len({s.dataset for s in specs}) == len(SMOL_OOD_TASKS)
+    trained = {(name, json.dumps(cfg, sort_keys=True)) for name, cfg in SMOL_TASKS.items()}
+    assert not {(s.dataset, json.dumps(s.config, sort_keys=True)) for s in specs} & trained
+    train_messages = TaskSet("smol", [], -1, 0, 1000).messages(recreate(specs[0]))
+    ood = ood_messages(specs[0])
+    assert ood[0]["content"] != train_messages[0]["content"] and ood[1]["content"].startswith("Problem: ")
+    assert ood[2]["content"].startswith("Final result: <answer>")
+    with pytest.raises(EvaluationError, match="no out-of-distribution set"):
+        ood_specs("paper", 4, 1000)
+
+
+def test_paired_bootstrap_ratio_interval():
+    ci = paired_bootstrap_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    assert ci["ratio"] == pytest.approx(2.0) and ci["lo"] == pytest.approx(2.0) and ci["hi"] == pytest.approx(2.0)
+    ci = paired_bootstrap_ratio([1.0, 3.0, 2.0, 2.5], [1.0, 1.0, 2.0, 2.0])
+    assert ci["lo"] < ci["ratio"] < ci["hi"] and ci["n"] == 4
+    assert paired_bootstrap_ratio([1.0], [0.0]) is None
+
+
+def test_accuracy_against_node_compute():
+    agents = [{"metrics": [{"round": r, "tokens_generated": 10, "train_tokens": 30, "round_s": 2.0} for r in (1, 2)],
+               "eval": [{"round": 0, "heldout_accuracy": 0.2}, {"round": 2, "heldout_accuracy": a}]}
+              for a in (0.4, 0.6)]
+    curve = compute_curve(agents, 2)
+    assert curve == [{"round": 0, "accuracy": pytest.approx(0.2), "tokens": 0.0, "seconds": 0.0},
+                     {"round": 2, "accuracy": pytest.approx(0.5), "tokens": 80.0, "seconds": 4.0}]
+    assert accuracy_at(curve, "tokens", 40.0) == pytest.approx(0.35)
+    assert accuracy_at(curve, "seconds", 5.0) is None
+    assert compute_curve(agents, 2, "ood_accuracy") == []
+
+
+def test_git_provenance_names_the_commit():
+    info = git_provenance()
+    assert set(info) == {"git_commit", "git_dirty"}
+    assert info["git_commit"] is None or len(info["git_commit"]) == 40
 
 
 def _write_run(root: Path, arm: str, label: str, seed: int, rewards: list[list[float]], heldout: list[float]):
@@ -88,30 +173,38 @@ def test_tiny_preset_end_to_end_resumes_and_reports(tmp_path, reap_children):
                           capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     exp = root / "tiny"
-    for arm in ("local4-ext0", "local2-ext2", "control"):
+    arms = [a.name for a, _ in plan(PRESETS["tiny"], None, [0])]  # + the TIS/learnability arm where the build has it
+    assert arms[:3] == ["local4-ext0", "local2-ext2", "control"]
+    for arm in arms:
         run = exp / "runs" / f"{arm}-seed0"
         assert (run / "done.json").exists()
         for node in ("node0", "node1"):
             rows = [json.loads(x) for x in (run / node / "metrics.jsonl").read_text().splitlines()]
             assert [m["round"] for m in rows] == [1, 2]  # contiguous after the interruption, no duplicates
-            evals = [json.loads(x)["round"] for x in (run / node / "eval.jsonl").read_text().splitlines()]
-            assert evals == [0, 1, 2]
+            evals = [json.loads(x) for x in (run / node / "eval.jsonl").read_text().splitlines()]
+            assert [e["round"] for e in evals] == [0, 1, 2]
+            assert all(e["ood_num_questions"] == 4 and 0 <= e["ood_accuracy"] <= 1 for e in evals)
             assert not (run / node / "checkpoints").exists()
             if arm == "control":
                 assert all(m["local_groups_generated"] == 8 and m["local_groups"] == 4 for m in rows)
-            if arm == "local2-ext2":
+            if arm.startswith("local2-ext2"):
                 assert all(m["local_groups"] == 2 for m in rows)
-        if arm == "local2-ext2":
+        record = json.loads((run / "run.json").read_text())
+        assert record["per_agent"] == [{"stream_tasks": ["chain_sum"]}, {"stream_tasks": ["syllogism"]}]
+        assert len(record["starts"]) == (2 if arm == "local4-ext0" else 1)  # the interrupted run started twice
+        assert "git_commit" in json.loads((run / "done.json").read_text())
+        if arm.startswith("local2-ext2"):
             used = [json.loads(x)["external_groups_used"] for n in ("node0", "node1")
                     for x in (run / n / "metrics.jsonl").read_text().splitlines()]
             assert max(used) == 2
     results = json.loads((exp / "results.json").read_text())
-    assert set(results["arms"]) == {"local4-ext0", "local2-ext2", "control"}
-    assert len(list((exp / "plots").glob("*.png"))) == 3
+    assert set(results["arms"]) == set(arms)
+    assert results["arms"]["local2-ext2"]["ci_vs_baseline"]["cumulative_reward_local"] is None  # 4/0 never scores
+    assert len(list((exp / "plots").glob("*.png"))) == 4  # with accuracy against compute
     text = (exp / "results.md").read_text()
     again = subprocess.run(_cli("sapo", "--preset", "tiny", "--seeds", "0", "--root", str(root)), env=env,
                            capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and again.stdout.count(": done") == 3  # nothing re-run
+    assert again.returncode == 0 and again.stdout.count(": done") == len(arms)  # nothing re-run
     (exp / "results.md").unlink()
     report = subprocess.run(_cli("report", str(exp)), env=env, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0 and (exp / "results.md").read_text() == text

@@ -201,12 +201,15 @@ class TaskSet:
         num_fewshot: in-context examples per prompt; -1 uses the preset default.
         seed: dataset seed shared by the swarm (all nodes draw from the same datasets).
         size: dataset size.
+        stream_tasks: restrict `draw` (the node's own stream) to these task names; empty: all tasks. The
+            held-out set and the verification of peers' groups still cover every task.
 
     Raises:
-        TaskError: an unknown task name or a config reasoning-gym rejects.
+        TaskError: an unknown task name, a config reasoning-gym rejects, a stream task outside the preset.
     """
 
-    def __init__(self, preset: str, custom_tasks: list[str], num_fewshot: int, seed: int, size: int):
+    def __init__(self, preset: str, custom_tasks: list[str], num_fewshot: int, seed: int, size: int,
+                 stream_tasks: list[str] | tuple[str, ...] = ()):
         if preset == "smol":
             tasks, default_shots, self.system_prompt = SMOL_TASKS, 2, SMOL_SYSTEM_PROMPT
         elif preset == "paper":
@@ -222,10 +225,15 @@ class TaskSet:
             except wire.WireError as e:
                 raise TaskError(f"task {name}: {e.detail}") from None
             dataset_for(TaskSpec(name, config, seed, 0, size))  # fail at start-up, not mid-run
+        unknown = sorted(set(stream_tasks) - set(self.tasks))
+        if unknown:
+            raise TaskError(f"stream task(s) {', '.join(unknown)} not in this preset's tasks; choose from "
+                            f"{', '.join(sorted(self.tasks))}")
+        self.stream_tasks = sorted(stream_tasks) or sorted(self.tasks)
 
     def draw(self, rng: random.Random) -> TaskSpec:
-        """Draw one spec: a task uniformly, then an index uniformly in [0, size)."""
-        name = rng.choice(sorted(self.tasks))
+        """Draw one spec: a task uniformly (among `stream_tasks`), then an index uniformly in [0, size)."""
+        name = rng.choice(self.stream_tasks)
         return TaskSpec(name, self.tasks[name], self.seed, rng.randrange(self.size), self.size)
 
     def heldout(self, num_questions: int, seed: int) -> list[TaskSpec]:

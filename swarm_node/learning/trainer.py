@@ -6,9 +6,10 @@ shorter than max_new_tokens is taken to have ended on its own and gets the EOS t
 policy also learns where to stop.
 
 Log-probs are computed only on completion tokens: the prompt of a group runs through the decoder once and
-its KV cache is shared by the group's completions (with gradients through it), then the LM head is applied
-only to the positions that predict completion tokens, so the (B, T, vocab) logits over the prompt are never
-materialised. With the few-shot prompts of the `smol` preset (about 180 prompt tokens, 8 completions of 10-32
+its KV cache is shared by the group's completions (with gradients through it); the completions run on it in
+buckets of similar length, so a short completion is not padded to the group's longest (padding was 44% of the
+completion positions; docs/benchmarks.md); then the LM head is applied only to the positions that predict real
+completion tokens, so the (B, T, vocab) logits over the prompt and the padding are never materialised. With the few-shot prompts of the `smol` preset (about 180 prompt tokens, 8 completions of 10-32
 tokens) that is about 5x fewer tokens through the decoder than one full sequence per completion.
 """
 
@@ -83,6 +84,8 @@ class Trainer:
         config: the train section of the node config.
         taskset: builds the local prompt for every question.
     """
+
+    BUCKET_OVERHEAD_POSITIONS = 16  # one more decoder call costs about this many positions (length_buckets)
 
     def __init__(self, policy: Policy, config: TrainConfig, taskset: TaskSet):
         self.policy, self.config, self.taskset = policy, config, taskset
@@ -163,10 +166,11 @@ class Trainer:
     def _completion_logprobs(self, model: torch.nn.Module, batch: list[TokenizedSample]) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of completion tokens for B completions of one prompt. Returns ((B, Tc) logprobs, (B, Tc) mask).
 
-        The prompt runs through the decoder once; its KV cache is repeated for the B completions, which run as one
-        right-padded (B, Tc) batch on top of it. Gradients flow through the shared prompt states, so this equals the
-        full-sequence forward of each (prompt + completion) (tested against it), at Tp + B * Tc instead of
-        B * (Tp + Tc) tokens. Only the positions that predict completion tokens go through the LM head.
+        The prompt runs through the decoder once; its KV cache is shared by the B completions, which run on top of
+        it in length buckets (`length_buckets`), so that short completions are not padded to the longest one.
+        Gradients flow through the shared prompt states, so this equals the full-sequence forward of each
+        (prompt + completion) (tested against it), at about Tp + sum(Tc_i) instead of B * (Tp + Tc) tokens. Only
+        the positions that predict real (non-padding) completion tokens go through the LM head.
         """
         from transformers import DynamicCache
 
@@ -182,30 +186,68 @@ class Trainer:
             mask[i, : len(s.completion_ids)] = 1
         targets, mask = targets.to(device), mask.to(device)
         decoder = getattr(model, model.base_model_prefix)
-        cache = DynamicCache()
-        prompt_hidden = decoder(input_ids=torch.tensor([prompt], device=device), past_key_values=cache,
+        prompt_cache = DynamicCache()
+        prompt_hidden = decoder(input_ids=torch.tensor([prompt], device=device), past_key_values=prompt_cache,
                                 use_cache=True).last_hidden_state  # (1, Tp, H)
-        cache.batch_repeat_interleave(B)
-        picked = prompt_hidden[:, -1:].expand(B, 1, -1)  # (B, 1, H): the last prompt state predicts token 0
-        if Tc > 1:
-            attention = torch.cat([torch.ones((B, Tp), device=device), mask], dim=1).long()  # (B, Tp + Tc)
-            positions = torch.arange(Tp, Tp + Tc - 1, device=device).expand(B, -1)  # (B, Tc - 1)
-            hidden = decoder(input_ids=targets[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
-                             past_key_values=cache, use_cache=True).last_hidden_state  # (B, Tc - 1, H)
-            picked = torch.cat([picked, hidden], dim=1)  # (B, Tc, H)
-        logits = model.get_output_embeddings()(picked).float()  # (B, Tc, V)
-        logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        return logprobs.view(B, Tc), mask
+        prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]  # (1, heads, Tp, d) each
+        parts, order = [], []
+        for rows, Tb in self.length_buckets([len(s.completion_ids) for s in batch]):
+            nb, idx = len(rows), torch.tensor(rows, device=device)
+            states = prompt_hidden[:, -1:].expand(nb, 1, -1)  # (nb, 1, H): the last prompt state predicts token 0
+            if Tb > 1:
+                cache = DynamicCache(ddp_cache_data=[(k.expand(nb, -1, -1, -1), v.expand(nb, -1, -1, -1))
+                                                     for k, v in prompt_kv])
+                attention = torch.cat([torch.ones((nb, Tp), device=device), mask[idx, : Tb - 1]], dim=1).long()
+                positions = torch.arange(Tp, Tp + Tb - 1, device=device).expand(nb, -1)  # (nb, Tb - 1)
+                hidden = decoder(input_ids=targets[idx, : Tb - 1], attention_mask=attention, position_ids=positions,
+                                 past_key_values=cache, use_cache=True).last_hidden_state  # (nb, Tb - 1, H)
+                states = torch.cat([states, hidden], dim=1)  # (nb, Tb, H)
+            parts.append(F.pad(states, (0, 0, 0, Tc - Tb)))  # (nb, Tc, H)
+            order += rows
+        picked = torch.cat(parts)[torch.tensor(order, device=device).argsort()]  # (B, Tc, H), batch order
+        real = mask.bool()  # (B, Tc)
+        logits = model.get_output_embeddings()(picked[real]).float()  # (N, V), N real completion tokens
+        token_logprobs = -F.cross_entropy(logits, targets[real], reduction="none")  # (N,)
+        return torch.zeros((B, Tc), device=device).masked_scatter(real, token_logprobs), mask
+
+    def length_buckets(self, lengths: list[int]) -> list[tuple[list[int], int]]:
+        """Partition completion indices into buckets of similar length: [(indices, longest length), ...].
+
+        Sorted by length, the partition minimises sum(bucket size x its longest length + BUCKET_OVERHEAD_POSITIONS)
+        by dynamic programming over the n <= micro_batch_size completions: each bucket pads only to its own longest
+        completion, and a bucket costs one more decoder call (about BUCKET_OVERHEAD_POSITIONS positions' worth of
+        time on CPU, measured in benchmarks/node_speed.py).
+        """
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        ls = [lengths[i] for i in order]
+        n, c = len(ls), self.BUCKET_OVERHEAD_POSITIONS
+        best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+        for j in range(1, n + 1):  # best[j]: cheapest partition of the j shortest
+            for i in range(j):
+                cost = best[i] + (j - i) * ls[j - 1] + c
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        buckets, j = [], n
+        while j:
+            buckets.append((order[cut[j]:j], ls[j - 1]))
+            j = cut[j]
+        return buckets[::-1]
 
     def _micro_batches(self, sequences: list[TokenizedSample]) -> list[list[TokenizedSample]]:
-        """Split into micro-batches of at most `micro_batch_size` completions that share one prompt."""
-        batches: list[list[TokenizedSample]] = []
+        """Split into micro-batches of at most `micro_batch_size` completions that share one prompt. A group
+        larger than a micro-batch is sorted by completion length first, so that each micro-batch pads its
+        completions to a closer length (the loss is a sum over tokens: the order does not change it)."""
+        runs: list[list[TokenizedSample]] = []
         for s in sequences:
-            last = batches[-1] if batches else None
-            if last and last[0].prompt_ids == s.prompt_ids and len(last) < self.config.micro_batch_size:
-                last.append(s)
+            if runs and runs[-1][0].prompt_ids == s.prompt_ids:
+                runs[-1].append(s)
             else:
-                batches.append([s])
+                runs.append([s])
+        size, batches = self.config.micro_batch_size, []
+        for run in runs:
+            if len(run) > size:
+                run = sorted(run, key=lambda s: len(s.completion_ids))
+            batches += [run[i:i + size] for i in range(0, len(run), size)]
         return batches
 
     def step(self, groups: Sequence[Group]) -> StepStats:
