@@ -536,6 +536,7 @@ class Node:
             "external_groups_available": collected.available,
             "external_groups_used": len(external),
             "external_peers_used": len({g.peer_id for g in external}),
+            "external_peer_ids": sorted({g.peer_id for g in external}),  # at most J distinct peer IDs
             "peers_seen": collected.peers_seen,
             "published": published,
             "rejected": dict(self.collector.trust.rejects),

@@ -57,9 +57,15 @@ def test_same_model_peers_merge_and_another_model_only_shares_rollouts(tmp_path)
         assert a[-1]["merges"] == 3 and a[-1]["merge_bytes_out"] > 0
         assert a[-1]["merges_failed"] == a[-1]["merge_repairs"] == sum(row["merge_outcome"] == "repaired" for row in a)
         assert c[-1]["merges"] == 0 and c[-1]["merges_skipped"] == 3 and c[-1]["merge_bytes_out"] == 0
-        # but everyone's rollouts were used by everyone: J = 4 takes both peers' 2 groups each
-        for name in "abc":
-            assert any(row["external_peers_used"] == 2 for row in rows[name][1:]), rows[name]
+        # but rollouts cross the model boundary both ways. A node never waits for peers (background collection), so
+        # which peers' groups a given round finds depends on timing: the tiny pair's rounds take seconds (they merge)
+        # while the other model's take a fraction of one, so assert over all rounds, not per round.
+        ids = {name: rows[name][0]["peer_id"] for name in nodes}
+        used = {name: set().union(*(row["external_peer_ids"] for row in rows[name])) for name in nodes}
+        assert ids["c"] in used["a"] and ids["c"] in used["b"], (ids, used)  # same-model peers used the other model's
+        assert used["c"] & {ids["a"], ids["b"]}, (ids, used)  # and the other model used theirs
+        assert ids["b"] in used["a"] or ids["a"] in used["b"], (ids, used)
+        assert all(ids[name] not in used[name] for name in nodes), (ids, used)  # never its own
         assert "no peer with this model" in (tmp_path / "c" / "node.log").read_text()
     finally:
         for p in nodes.values():  # stop them together, then reap each
