@@ -5,7 +5,7 @@ between phases, so a stop finishes or abandons the current phase and then shuts 
 the network (stream handler, DHT calls); blocking torch work (generation, training) runs on one worker
 thread so peers are served while the node computes.
 
-One round (SAPO, arXiv 2509.08721, section 3; see shared/SAPO.md):
+One round (SAPO, arXiv 2509.08721, section 3; see docs/algorithm.md):
 1. draw I task specs from the node's own stream; 2. generate L completions per question in one batched call
 and score them with the strict verifier; 3. publish the groups (manifest in the DHT, payload over streams);
 4. take J groups from the pool that background collection fills all the time (peers' latest groups, fresh within

@@ -1,6 +1,6 @@
 """Child processes of a node (hivemind's DHT process and its p2pd daemon): recording and reaping them by PID.
 
-After `kill -9` of a node, its DHT process and p2pd outlive it (for 40 s or more, shared/HIVEMIND.md
+After `kill -9` of a node, its DHT process and p2pd outlive it (for 40 s or more, docs/hivemind.md
 section 6) and keep its peer ID alive in the swarm, which would make a restart fail with "identity already
 taken". So a node records its children's PIDs and start times in `<output_dir>/node.pids`, and a restarting
 node kills the survivors of its previous run, checked by PID *and* start time so a reused PID is never hit.

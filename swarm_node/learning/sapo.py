@@ -70,7 +70,7 @@ def select_local(groups: Sequence[Group], num_groups: int) -> list[Group]:
     """The control arm's local filter: keep `num_groups` of the over-sampled local groups, those with signal first
     (in generation order), then zero-advantage ones to fill up.
 
-    This is "8/0 with local zero-advantage filtering" (shared/SAPO.md, weak points): it gives an all-local node the
+    This is "8/0 with local zero-advantage filtering" (docs/algorithm.md, last section): it gives an all-local node the
     same filtering that SAPO's external pool gets, by generating more questions than it trains on, so an
     experiment can separate the gain from sharing from the gain from filtering.
     """

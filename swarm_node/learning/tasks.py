@@ -5,7 +5,7 @@ config, seed, index, reasoning-gym version); any node re-creates the question an
 the spec and scores completions with reasoning-gym's own `score_answer`. That is what lets a node
 ignore a peer's claimed question, answer and reward.
 
-Design decision, measured here (see shared/SAPO.md): SmolLM2-135M never writes `<answer>` tags
+Design decision, measured here (docs/algorithm.md, "The default model needs a prompt it can follow"): SmolLM2-135M never writes `<answer>` tags
 under reasoning-gym's default prompt, so the `smol` preset prompts with two in-context examples
 from the same task, whose replies are just `<answer>X</answer>`, and uses easy task sizes.
 The examples are derived from the spec, so every node builds the same prompt for a spec.
@@ -34,7 +34,7 @@ RG_VERSION = importlib.metadata.version("reasoning-gym")
 
 SMOL_SYSTEM_PROMPT = "Answer the question. Reply with only the final answer inside <answer></answer> tags."
 
-# Task sizes at which SmolLM2-135M-Instruct sometimes succeeds (measured in shared/SAPO.md: 6-38%).
+# Task sizes at which SmolLM2-135M-Instruct sometimes succeeds (measured: 6-38%, docs/algorithm.md).
 SMOL_TASKS: dict[str, dict[str, Any]] = {
     "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
     "basic_arithmetic": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},

@@ -1,6 +1,6 @@
 """Publishing and collecting rollouts: a signed manifest index in the DHT, payloads over libp2p streams.
 
-Why two paths (shared/HIVEMIND.md section 2): a DHT value is one message capped at 4 MiB that silently
+Why two paths (docs/hivemind.md section 2): a DHT value is one message capped at 4 MiB that silently
 vanishes above the cap, lives only in RAM on several replicas and crashed hivemind's processes when large.
 So the DHT holds only a small per-peer, per-round `Manifest`, and the rollout bytes move peer-to-peer over
 a libp2p stream, checked against the manifest's size and sha256.

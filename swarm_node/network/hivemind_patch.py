@@ -1,6 +1,6 @@
 """Work around two hivemind 1.1.12 bugs: the pipe desync under uvloop and the 8-bit decoders on numpy >= 2.4.
 
-1. Pipe desync (shared/HIVEMIND.md section 1).
+1. Pipe desync (docs/hivemind.md section 1).
 
 hivemind's DHT and DecentralizedAverager children read requests from a multiprocessing pipe whose fd uvloop
 switches to non-blocking mode in `add_reader`. A pickled message over ~16 KiB can then be half-read
@@ -8,7 +8,7 @@ switches to non-blocking mode in `add_reader`. A pickled message over ~16 KiB ca
 #77, #102, #227, #357; unfixed upstream). The fix keeps uvloop and puts the fd back into blocking mode right
 after the reader is registered.
 
-2. 8-bit compression (shared/HIVEMIND.md section 4). `Quantization.extract` reads the codebook size with
+2. 8-bit compression (docs/hivemind.md section 4). `Quantization.extract` reads the codebook size with
 `int(np.frombuffer(..., count=1))`, a 1-element array, which numpy 2.4 refuses to convert (`TypeError: only
 0-dimensional arrays can be converted to Python scalars`). The replacement reads element 0 and is otherwise
 the same code, so bytes on the wire are unchanged and unpatched peers stay compatible. Upstream fixed this

@@ -1,7 +1,7 @@
 """Verifying a merge: linear checksums of the averaged tensors, exchanged before and compared after.
 
 Why: with hivemind 1.1.12, a peer that dies during an all-reduce can leave the survivors reporting success
-with different weights (shared/HIVEMIND.md section 4). So every member sends, in the round's `gather`, two
+with different weights (docs/hivemind.md section 4). So every member sends, in the round's `gather`, two
 linear checksums per segment of the tensors it contributes: the plain sum and the alternating-sign sum
 (x0 - x1 + x2 - ...), in float64. Both are linear, so the checksums of the group mean are the weighted mean
 of the members' checksums. After the all-reduce each member compares its own result against that mean.
