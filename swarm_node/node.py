@@ -396,7 +396,9 @@ class Node:
         return {"format": 1, "peer_id": self.peer_id, "policy_version": self.trainer.policy_version,
                 "model": self.policy.model.state_dict(), "optimizer": self.trainer.optimizer.state_dict(),
                 "task_rng": self.rng.getstate(), "sample_rng": self.collector.rng.getstate(),
-                "torch_rng": torch.get_rng_state()}
+                "torch_rng": torch.get_rng_state(),
+                # the merger's anchor and DiLoCo momentum (WeightMerger); GradMerger's state is the optimizer's
+                "merger": self.merger.state_dict() if hasattr(self.merger, "state_dict") else None}
 
     def _save_checkpoint(self) -> None:
         t0 = time.perf_counter()
@@ -435,6 +437,11 @@ class Node:
         self.collector.rng.setstate(state["sample_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.round = self._saved_round = state["round"]
+        if state.get("merger") is not None and hasattr(self.merger, "load_state_dict"):
+            try:
+                self.merger.load_state_dict(state["merger"])
+            except ValueError as e:  # merging was reconfigured since the checkpoint: start its state afresh
+                log.warning("not restoring the merger's state from the checkpoint: %s", e)
         for path in (metrics_path, self.out_dir / "eval.jsonl"):
             _truncate_jsonl(path, self.round)
         log.info("resumed from checkpoint at round %d (policy version %d)", self.round, self.trainer.policy_version)

@@ -34,6 +34,34 @@ class _RoundFailed(Exception):
 class StateSharing:
     """Mixin: serving this node's state and adopting the group's (see the module docstring)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The merger's own state, for the node's checkpoint: the anchor (weights at the last verified merge,
+        CPU fp32, one tensor per merged parameter), the DiLoCo outer momentum (same shapes; empty in params
+        mode) and the merge level. Without it a restart with no peers online would silently reset DiLoCo's
+        momentum and re-anchor on the current weights (DiLoCo, arXiv 2311.08455, Algorithm 1: the outer state
+        persists across outer steps)."""
+        with self._lock:
+            return {"format": 1, "mode": self.mode, "fingerprint": self.fingerprint, "level": self.level,
+                    "anchor": [a.clone() for a in self.anchor], "momentum": [m.clone() for m in self.momentum]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved. Raises ValueError when it belongs to another merge mode or model
+        (fingerprint) or its tensors do not fit; the merger is then unchanged."""
+        if state.get("mode") != self.mode or state.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"merger state of mode {state.get('mode')!r} and model {str(state.get('fingerprint'))[:12]}"
+                             f" does not fit mode {self.mode!r} and model {self.fingerprint[:12]}")
+        anchor, momentum = list(state["anchor"]), list(state["momentum"])
+        if len(anchor) != len(self.anchor) or len(momentum) != len(self.momentum) or any(
+                a.shape != b.shape for a, b in zip(anchor + momentum, self.anchor + self.momentum)):
+            raise ValueError("merger state tensors do not fit this model")
+        with self._lock, torch.no_grad():
+            for dst, src in zip(self.anchor + self.momentum, anchor + momentum):
+                dst.copy_(src)
+            self.level = min(max(0, int(state["level"])), wire.MAX_MERGE_LEVEL)
+        self._restored = True
+        self._set_priority()
+        self.registry.announce(self.level)
+
     def load_state(self, own_weights_as_anchor: bool = True, require_newer: bool = False) -> bool:
         """Download the state that a majority of the online members agree on, check it and adopt it.
 

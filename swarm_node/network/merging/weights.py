@@ -105,6 +105,7 @@ class WeightMerger(StateSharing):
         self.trust = guard.TrustRegion(config.merge_trust_factor, config.merge_trust_min_rel)
         self.strikes = guard.Strikes()
         self._alone_logged = False
+        self._restored = False  # anchor and momentum came from this node's checkpoint (load_state_dict)
         with torch.no_grad():
             self.anchor = [p.detach().to("cpu", torch.float32).clone() for p in self.params]
             self.momentum = [torch.zeros_like(a) for a in self.anchor] if self.mode == "diloco" else []
@@ -139,9 +140,11 @@ class WeightMerger(StateSharing):
 
     # ------------------------------------------------------------------ public
     def join(self, completed_rounds: int) -> bool:
-        """Before the first round: load the group's state (see load_state); the every_k count starts now."""
+        """Before the first round: load the group's state (see load_state); the every_k count starts now. With
+        no agreed state online, a node restored from its checkpoint keeps its restored anchor and momentum
+        (load_state_dict); a fresh node takes its own weights as the anchor."""
         self.rounds_since_merge = 0
-        return self.load_state()
+        return self.load_state(own_weights_as_anchor=not self._restored)
 
     def maybe_merge(self, round_: int) -> dict[str, Any]:
         """At the end of `round_`: merge if the schedule says so, or join peers that are merging right now.
