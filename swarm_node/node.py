@@ -161,9 +161,10 @@ class Node:
             await asyncio.sleep(0.2)
         try:
             maddrs = json.loads(path.read_text())["multiaddrs"]
-            assert isinstance(maddrs, list) and maddrs
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise NetworkError(f"{path} is not a swarm-node node.json with a 'multiaddrs' list") from None
+        except (OSError, ValueError, KeyError, TypeError):
+            maddrs = None
+        if not (isinstance(maddrs, list) and maddrs and all(isinstance(m, str) for m in maddrs)):
+            raise NetworkError(f"{path} is not a swarm-node node.json with a 'multiaddrs' list")
         check_multiaddrs(maddrs, f"bootstrap peer (from {path})", need_peer_id=True)
         return maddrs
 
@@ -227,9 +228,9 @@ class Node:
                 self.dht = await asyncio.get_running_loop().run_in_executor(None, lambda: DHT(start=True, **kwargs))
                 break
             except Exception as e:
-                message = self._explain_join_failure(e)
+                message, retryable = self._explain_join_failure(e)
                 kill_and_wait([p for p in psutil.Process().children(recursive=True) if p.pid not in before], grace_s=0)
-                if attempt == net.startup_retries or any(w in message for w in ("bootstrap", "in use", "already used")):
+                if attempt == net.startup_retries or not retryable:
                     raise NetworkError(message) from None
                 log.warning("joining failed (attempt %d of %d): %s; retrying", attempt + 1, net.startup_retries + 1,
                             message)
@@ -251,20 +252,23 @@ class Node:
         else:
             log.info("joined the swarm; this node's multiaddrs: %s", " ".join(self.maddrs))
 
-    def _explain_join_failure(self, e: Exception) -> str:
+    def _explain_join_failure(self, e: Exception) -> tuple[str, bool]:
+        """(one actionable message, whether another attempt can help) for a DHT start-up failure. hivemind
+        reports these only as text, so the daemon's error text is classified here, once."""
         text = str(e)
         net = self.config.network
         if "already taken" in text:
-            return f"identity {self.identity.path} is already used by another peer in the swarm; pass another --identity-path"
+            return (f"identity {self.identity.path} is already used by another peer in the swarm; pass another "
+                    "--identity-path"), False
         if "address already in use" in text.lower():
-            return f"a listen address in {net.host_maddrs} is already in use; pick another port or use tcp/0"
+            return f"a listen address in {net.host_maddrs} is already in use; pick another port or use tcp/0", False
         if net.initial_peers and ("bootstrap" in text.lower() or "failed to connect" in text.lower() or "dial" in text.lower()):
             return (f"could not reach any bootstrap peer in {net.initial_peers}: check that the peer is running, "
-                    f"the address and port are right and reachable from here ({text.strip()[:200]})")
+                    f"the address and port are right and reachable from here ({text.strip()[:200]})"), False
         if "failed to start" in text.lower():
             return (f"the p2p daemon did not start within {net.startup_timeout_s:.0f} s ({text.strip()[:200]}); "
-                    "raise --startup-timeout-s or check that hivemind's p2pd binary runs on this machine")
-        return f"could not join the swarm: {text.strip()[:300]}"
+                    "raise --startup-timeout-s or check that hivemind's p2pd binary runs on this machine"), True
+        return f"could not join the swarm: {text.strip()[:300]}", True
 
     def _start_telemetry(self) -> None:
         cfg = self.config

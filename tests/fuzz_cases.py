@@ -6,7 +6,7 @@ take values from the table's type and its boundaries, mixed with arbitrary msgpa
 deletions and unknown fields, so the decoders see both near-valid and hostile input.
 
 The property of every decoder: whatever the bytes, it returns a message or raises `WireError` with one of
-`REASONS`. The property of re-creation: `recreate` returns a question or raises `TaskError`, and `score` returns a
+`REASONS`. The property of re-creation: `recreate` returns a question or raises `SpecError`, and `score` returns a
 finite reward in [0, 1]. Anything else (another exception type, a crash) fails the property.
 """
 
@@ -199,11 +199,11 @@ completions = st.one_of(
 
 
 def check_recreate(spec: wire.WireTaskSpec, completion: str) -> None:
-    """The re-creation property: a question or TaskError; a finite score in [0, 1]."""
+    """The re-creation property: a question or SpecError; a finite score in [0, 1]."""
     task_spec = tasks.TaskSpec(spec.dataset, dict(spec.config), spec.seed, spec.index, spec.size, spec.rg_version)
     try:
         question = tasks.recreate(task_spec)
-    except tasks.TaskError:
+    except tasks.SpecError:
         outcomes["recreate:bad_task_spec"] += 1
         return
     reward = tasks.score(question, completion)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from swarm_node.learning.tasks import (RG_VERSION, TaskError, TaskSet, TaskSpec, has_answer_tags, recreate, score,
+from swarm_node.learning.tasks import (RG_VERSION, SpecError, TaskError, TaskSet, TaskSpec, has_answer_tags, recreate, score,
                                        stream_seed)
 
 
@@ -40,7 +40,7 @@ def test_strict_verifier(taskset):
 ])
 def test_bad_specs_are_rejected(bad, why):
     spec = dataclasses.replace(TaskSpec("chain_sum", {}, 0, 1, 10_000), **bad)
-    with pytest.raises(TaskError, match=why):
+    with pytest.raises(SpecError, match=why):
         recreate(spec)
 
 
@@ -59,6 +59,9 @@ def test_paper_preset_and_custom_tasks():
     assert custom.tasks == {"spell_backward": {"min_word_len": 3, "max_word_len": 4}}
     with pytest.raises(TaskError, match="unknown task"):
         TaskSet("custom", ["not_a_task"], 1, 0, 1000)
+    with pytest.raises(TaskError, match="task chain_sum: cannot build"):  # the operator's own config: an operator error
+        TaskSet("custom", ['chain_sum:{"bogus": 1}'], 1, 0, 1000)
+    assert not issubclass(SpecError, TaskError)  # a peer's bad spec is never reported as the operator's mistake
 
 
 def test_stream_seed_differs_per_peer():

@@ -59,8 +59,15 @@ PAPER_TASKS: dict[str, dict[str, Any]] = {
 FEWSHOT_SEED_OFFSET = 0x5EED  # few-shot examples come from a differently seeded copy of the dataset
 
 
+class SpecError(ValueError):
+    """A task spec that cannot be re-created (unknown dataset, bad config, version, index). Specs come from
+    peers as well as from the node's own task set, so this is not an operator error: the verifier counts a
+    peer's as `bad_task_spec`, and `TaskSet` turns its own into a `TaskError`."""
+
+
 class TaskError(OperatorError):
-    """A task or task spec that cannot be re-created (unknown dataset, bad config, version, index)."""
+    """The operator's task settings cannot be used (unknown task name, a config reasoning-gym rejects, a stream
+    task outside the preset): one actionable message."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +117,19 @@ def _dataset(name: str, config_json: str, seed: int, size: int):
 
 
 def dataset_for(spec: TaskSpec):
-    """The (cached) reasoning-gym dataset of a spec. Raises TaskError if it cannot be built."""
+    """The (cached) reasoning-gym dataset of a spec. Raises SpecError if it cannot be built."""
     if spec.rg_version != RG_VERSION:
-        raise TaskError(f"reasoning-gym version {spec.rg_version!r} differs from local {RG_VERSION!r}")
+        raise SpecError(f"reasoning-gym version {spec.rg_version!r} differs from local {RG_VERSION!r}")
     if spec.dataset not in DATASETS:
-        raise TaskError(f"unknown reasoning-gym dataset {spec.dataset!r}")
+        raise SpecError(f"unknown reasoning-gym dataset {spec.dataset!r}")
     if not (0 <= spec.index < spec.size):
-        raise TaskError(f"index {spec.index} outside [0, {spec.size})")
+        raise SpecError(f"index {spec.index} outside [0, {spec.size})")
     try:
         return _dataset(spec.dataset, json.dumps(spec.config, sort_keys=True), spec.seed, spec.size)
     except MemoryError:
         raise  # a resource limit, not a bad config: the caller's budget decides (network/verify.py)
     except Exception as e:  # reasoning-gym raises TypeError/ValueError/AssertionError on bad configs
-        raise TaskError(f"cannot build dataset {spec.dataset!r} with config {safe_repr(spec.config)}: "
+        raise SpecError(f"cannot build dataset {spec.dataset!r} with config {safe_repr(spec.config)}: "
                         f"{safe_repr(e)}") from None
 
 
@@ -140,14 +147,14 @@ def safe_repr(value: Any) -> str:
 
 
 def recreate(spec: TaskSpec) -> Question:
-    """Re-create the question of a spec from reasoning-gym alone. Raises TaskError."""
+    """Re-create the question of a spec from reasoning-gym alone. Raises SpecError."""
     dataset = dataset_for(spec)
     try:
         return Question(spec, dataset[spec.index])
     except MemoryError:
         raise
     except Exception as e:
-        raise TaskError(f"cannot generate {spec.dataset}[{spec.index}]: {safe_repr(e)}") from None
+        raise SpecError(f"cannot generate {spec.dataset}[{spec.index}]: {safe_repr(e)}") from None
 
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -224,7 +231,10 @@ class TaskSet:
                 wire.check_config(config)
             except wire.WireError as e:
                 raise TaskError(f"task {name}: {e.detail}") from None
-            dataset_for(TaskSpec(name, config, seed, 0, size))  # fail at start-up, not mid-run
+            try:
+                dataset_for(TaskSpec(name, config, seed, 0, size))  # fail at start-up, not mid-run
+            except SpecError as e:
+                raise TaskError(f"task {name}: {e}") from None
         unknown = sorted(set(stream_tasks) - set(self.tasks))
         if unknown:
             raise TaskError(f"stream task(s) {', '.join(unknown)} not in this preset's tasks; choose from "
@@ -250,7 +260,7 @@ class TaskSet:
 
 def prompt_messages(question: Question, system_prompt: str, num_fewshot: int) -> list[dict[str, str]]:
     """Chat messages for a question: the system prompt, `num_fewshot` example turns derived from the spec (a
-    differently seeded copy of its dataset), then the question. Raises TaskError."""
+    differently seeded copy of its dataset), then the question. Raises SpecError."""
     spec = question.spec
     messages = [{"role": "system", "content": system_prompt}]
     if num_fewshot:

@@ -28,7 +28,7 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
-from swarm_node.learning.tasks import TaskError, TaskSpec, prompt_messages, recreate, safe_repr, score
+from swarm_node.learning.tasks import SpecError, TaskSpec, prompt_messages, recreate, safe_repr, score
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def rescore(work: list[tuple[TaskSpec, list[str]]], system_prompt: str, num_fews
             rewards = [score(question, c) for c in completions]
             text = "\n".join(m["content"] for m in prompt_messages(question, system_prompt, num_fewshot))
             out.append(("ok", rewards, text if len(text.encode()) <= max_prompt_bytes else None))
-        except TaskError as e:
+        except SpecError as e:
             out.append(("bad_task_spec", str(e)[:300], None))
         except MemoryError:
             recreate_cache_clear()
