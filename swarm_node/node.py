@@ -501,7 +501,7 @@ class Node:
     async def run_round(self, r: int) -> dict[str, Any] | None:
         """One SAPO round. Returns the metrics line, or None if a stop was requested mid-round."""
         cfg = self.config.train
-        t_round = time.perf_counter()
+        t_round, cpu_round = time.perf_counter(), _cpu_seconds()
         specs = [self.taskset.draw(self.rng) for _ in range(cfg.num_local_groups * cfg.local_oversample)]
         t0 = time.perf_counter()
         with progress.task(f"round {r}: generating {len(specs)} x {cfg.num_completions} completions"):
@@ -571,6 +571,7 @@ class Node:
             "collect_wait_s": round(collected.wait_s, 3),
             "train_s": round(train_s, 3),
             "round_s": round(time.perf_counter() - t_round, 3),
+            "cpu_s": round(_cpu_seconds() - cpu_round, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "time_s": time.time(),
             **merge_metrics,
@@ -635,3 +636,18 @@ def _truncate_jsonl(path: Path, last_round: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this node: its own threads plus its live child processes (the
+    DHT process, p2pd and the verification worker). The per-round difference is the node's own compute,
+    independent of how many other processes share the machine's cores (wall time is not)."""
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:  # a child that just exited
+            pass
+    return total

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 REQUIRED = {"round", "peer_id", "reward_local_mean", "reward_train_mean", "external_groups_available",
             "external_groups_used", "peers_seen", "loss", "tokens_generated", "generate_s", "publish_s", "collect_s",
-            "train_s", "round_s"}
+            "train_s", "round_s", "cpu_s", "external_peer_ids"}
 
 
 def test_local_swarm_of_three_exchanges_rollouts_and_cleans_up(tmp_path):
@@ -33,6 +33,8 @@ def test_local_swarm_of_three_exchanges_rollouts_and_cleans_up(tmp_path):
         for r in rows:
             assert REQUIRED <= r.keys()
             assert r["peer_id"] == info["peer_id"]
+            assert r["cpu_s"] > 0  # a round generates and trains: the node's processes used CPU
+            assert len(r["external_peer_ids"]) == r["external_peers_used"] and info["peer_id"] not in r["external_peer_ids"]
         # every node trained on groups that its peers generated, from round 2 on
         assert all(r["external_groups_used"] > 0 for r in rows[1:]), rows
         assert rows[-1]["peers_seen"] == 2
