@@ -179,6 +179,8 @@ def test_page_and_static_files_are_served_with_relative_urls_only(served):
     referenced = re.findall(rb'(?:src|href)="([^"]+)"', html)
     assert b"static/vendor/uplot/uPlot.iife.min.js" in referenced and b"static/dashboard.js" in referenced
     for ref in referenced:
+        if ref.startswith(b"data:"):  # inline (the empty favicon)
+            continue
         assert not re.match(rb"^(https?:)?//", ref), ref  # nothing from a CDN, no hard-coded host
         status, _, body = get(url + "/" + ref.decode())
         assert status == 200 and body, ref
@@ -237,3 +239,20 @@ def test_slow_and_hostile_clients_do_not_stall_the_server():
         for s in socks:
             s.close()
         server.close()
+
+
+def test_serves_when_started_from_a_running_event_loop_and_reports_a_busy_port():
+    telemetry = Telemetry()
+
+    async def start():  # the node starts its endpoint from inside its own event loop
+        return telemetry.serve("127.0.0.1", 0)
+
+    port = asyncio.run(start())
+    try:
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        with pytest.raises(OSError):  # the node turns this into a NetworkError with the fix
+            Telemetry().serve("127.0.0.1", port)
+    finally:
+        telemetry.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)  # closed: nothing listens any more

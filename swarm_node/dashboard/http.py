@@ -19,6 +19,7 @@ HTTP parsing is h11's (a sans-I/O HTTP/1.1 library), not home-made.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -69,17 +70,25 @@ class HttpServer:
         Raises:
             OSError: the address cannot be bound (in use, not local, permission).
         """
+        bound: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(host, port, bound), name="telemetry-http",
+                                        daemon=True)
+        self._thread.start()  # the loop is created and bound on its own thread: the caller's loop may be running
+        return bound.result()
+
+    def _run(self, host: str, port: int, bound: concurrent.futures.Future) -> None:
         loop = asyncio.new_event_loop()
         try:
             self._server = loop.run_until_complete(
                 asyncio.start_server(self._serve_client, host, port, backlog=256, limit=self.max_head_bytes))
-        except BaseException:
+        except BaseException as e:
             loop.close()
-            raise
+            bound.set_exception(e)
+            return
         self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="telemetry-http", daemon=True)
-        self._thread.start()
-        return self._server.sockets[0].getsockname()[1]
+        bound.set_result(self._server.sockets[0].getsockname()[1])
+        loop.run_forever()
+        loop.close()
 
     def close(self) -> None:
         if self._loop is None:
@@ -96,9 +105,7 @@ class HttpServer:
         except Exception as e:  # the loop may already be gone at interpreter exit
             log.debug("http server shutdown: %r", e)
         loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(timeout=5)
-        if not loop.is_running():
-            loop.close()
+        self._thread.join(timeout=5)  # the thread closes its loop
         self._loop = None
 
     async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
