@@ -124,9 +124,9 @@ def test_peers_endpoint_from_a_real_collector(served):
     telemetry, url = served
     taskset = TaskSet("smol", [], -1, 0, 100_000)
     manifests = [wire.Manifest.model_construct(
-        version=wire.PROTOCOL_VERSION, peer_id=p, round=7, policy_version=6, model="tiny", num_groups=0,
-        num_completions=0, payload_bytes=0, payload_sha256=bytes(32), created_at_s=get_dht_time() - 3)
-        for p in ("QmHonest", "QmForger")]
+        version=wire.PROTOCOL_VERSION, peer_id=p, round=r, policy_version=r - 1, model="tiny", num_groups=0,
+        num_completions=0, payload_bytes=0, payload_sha256=bytes(32), created_at_s=get_dht_time() - 10 + r)
+        for p, r in (("QmHonest", 7), ("QmForger", 7), ("QmHonest", 3))]  # an older manifest in another shard
     collector = Collector(OnePoll(manifests), NetworkConfig(ban_strikes=2), TrainConfig(model="tiny"),
                           random.Random(0))
     asyncio.run(collector.collect_once())  # both announce themselves (round 7, model tiny)
@@ -143,7 +143,7 @@ def test_peers_endpoint_from_a_real_collector(served):
     honest, forger, unknown = by_id["QmHonest"], by_id["QmForger"], by_id["QmNeverAnnounced"]
     assert (honest["model"], honest["last_round"], honest["policy_version"]) == ("tiny", 7, 6)
     assert honest["accepted_groups"] == 3 and honest["rejected"] == {} and not honest["banned"]
-    assert 2 < honest["age_s"] < 60
+    assert 2 < honest["age_s"] < 60  # the newest manifest's age
     assert forger["rejected"] == {"reward_mismatch": 2} and forger["banned"] and forger["accepted_groups"] == 0
     assert unknown["model"] is None and unknown["age_s"] is None and unknown["rejected"] == {"malformed": 1}
     assert data["peers"][-1]["peer_id"] == "QmNeverAnnounced"  # peers heard from recently come first

@@ -74,11 +74,11 @@ def test_dashboard_shows_live_peers_and_curves_of_a_running_swarm(tmp_path, reap
         legend = driver.execute_script(
             "return [...document.querySelectorAll('#chart-reward .u-legend .u-series th')].map(e => e.textContent)")
         assert [x.strip() for x in legend if x.strip()][-2:] == ["node0", "node1"], legend
-        # the peers table of node0 lists node1 with its model and accepted groups
+        # the peers table of node0 lists node1 with its model, a training round and accepted groups
         peer_row = wait_for(driver, f"""[...document.querySelectorAll('#peers-table tbody tr')].map(tr =>
-            [...tr.cells].map(td => td.textContent)).find(r => r[0] === {json.dumps(infos[1]['peer_id'])})""",
-                            what="node1 in node0's peer table")
-        assert peer_row[1] == infos[1]["model"] and int(peer_row[2]) >= 1 and peer_row[6] == "no", peer_row
+            [...tr.cells].map(td => td.textContent)).find(r => r[0] === {json.dumps(infos[1]['peer_id'])}
+            && +r[2] >= 1 && +r[4] >= 1)""", what="node1 with a round and accepted groups in node0's peer table")
+        assert peer_row[1] == infos[1]["model"] and peer_row[6] == "no", peer_row
         wait_for(driver, "document.querySelector('#chart-eval').dataset.points >= 1", what="held-out accuracy curve")
         for chart in ("chart-reward", "chart-round-s", "chart-rss", "chart-external", "chart-rejected",
                       "chart-phases"):

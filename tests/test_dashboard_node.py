@@ -9,8 +9,10 @@ import time
 import urllib.request
 
 import pytest
+from rich.console import Console
 
 from nodes import Proc
+from swarm_node.status import render
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +108,13 @@ def test_real_node_endpoints_and_hostile_clients(tmp_path, reap_children):
         assert [(n["label"], n["self"], n["metrics_url"]) for n in swarm["nodes"]] == [("node0", True, url)]
         _, peers = get_json(url + "/api/peers")
         assert peers["peers"] == [] and peers["snapshot_age_s"] is not None  # alone: knows no peer, says so
+
+        # `swarm-node status DIR` ends with the one URL of the swarm's dashboard
+        console = Console(record=True, width=300)
+        render(str(tmp_path), console)
+        assert console.export_text().splitlines()[-1] == f"dashboard: {url}/"
+        with urllib.request.urlopen(url + "/", timeout=5) as response:
+            assert b"swarm-node dashboard" in response.read()
 
         port = int(url.rsplit(":", 1)[1])
         attacker = Attacker(port)

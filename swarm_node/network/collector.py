@@ -187,7 +187,8 @@ class Collector:
         self._count_bad_signatures()
         for m in manifests:
             self.peers_announced.add(m.peer_id)
-            self.peer_latest[m.peer_id] = (m.model, m.round, m.policy_version, m.created_at_s)
+            if m.created_at_s >= self.peer_latest.get(m.peer_id, (None, None, None, -1.0))[3]:  # shards: newest
+                self.peer_latest[m.peer_id] = (m.model, m.round, m.policy_version, m.created_at_s)
         manifests = [m for m in manifests if self._is_fresh(m)]
         for m in manifests:
             self.pool.note_version(m.peer_id, m.policy_version)
