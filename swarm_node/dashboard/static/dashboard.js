@@ -77,8 +77,10 @@ function plot(id, names, data, opts = {}) {
     if (c) c.u.destroy();
     const series = [{ label: opts.x || "round" }, ...names.map((name, i) => ({
       label: name, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { size: 5 } }))];
+    // y from 0: a fraction up to at least 1, a count or a time up to at least 1 (flat zero lines stay readable)
+    const y = opts.y === "auto" ? {} : { range: (u, lo, hi) => [Math.min(0, lo ?? 0), Math.max(hi ?? 0, 1) * (opts.y === "fraction" ? 1 : 1.05)] };
     const u = new uPlot({ width: Math.max(300, box.clientWidth - 4), height: 220, series,
-      scales: { x: { time: false } }, axes: [{ label: opts.x || "round" }, {}], legend: { live: true } }, data, box);
+      scales: { x: { time: false }, y }, axes: [{ label: opts.x || "round" }, {}], legend: { live: true } }, data, box);
     c = S.charts[id] = { u, key };
   } else c.u.setData(data);
   box.dataset.points = String(data[0].length);
@@ -96,10 +98,10 @@ function render() {
     const rows = S.data[n.label][src];
     return [rows.map(r => r.round), rows.map(f)];
   }));
-  plot("chart-reward", names, series(r => r.reward_local_mean));
-  plot("chart-eval", names, series(e => e.heldout_accuracy, "evals"));
+  plot("chart-reward", names, series(r => r.reward_local_mean), { y: "fraction" });
+  plot("chart-eval", names, series(e => e.heldout_accuracy, "evals"), { y: "fraction" });
   plot("chart-round-s", names, series(r => r.round_s));
-  plot("chart-rss", names, series(r => r.rss_mb === undefined || r.rss_mb === null ? r.peak_rss_mb : r.rss_mb));
+  plot("chart-rss", names, series(r => r.rss_mb === undefined || r.rss_mb === null ? r.peak_rss_mb : r.rss_mb), { y: "auto" });
 
   const d = S.data[S.selected] || { rounds: [], evals: [] }, rows = d.rounds, xs = rows.map(r => r.round);
   $("selected-label").textContent = S.selected || "";
