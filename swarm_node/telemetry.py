@@ -146,9 +146,14 @@ class Telemetry:
     def refresh_peers(self, collector) -> None:
         """Snapshot the peers this node knows for /api/peers. Call on the thread that owns `collector` (the node's
         event loop); the HTTP thread only reads the new tuple."""
-        if collector is not None:
+        if collector is None:
+            return
+        try:
             rows, known = peers_snapshot(collector)
-            self.peers_info = (rows, known, time.time())
+        except Exception as e:  # a dashboard bug must not end the caller's loop (the event-loop lag probe)
+            logging.getLogger("swarm_node").debug("peer snapshot failed: %r", e)
+            return
+        self.peers_info = (rows, known, time.time())
 
     def mark(self, state: str) -> None:
         """Set the lifecycle state (starting, running, lingering, stopping); counts as progress."""

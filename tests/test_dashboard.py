@@ -15,6 +15,8 @@ import pytest
 from swarm_node.config import NetworkConfig, TrainConfig
 from swarm_node.dashboard.api import MAX_PEERS, MAX_ROUNDS, STATIC, DashboardApi, page_weight_bytes
 from swarm_node.dashboard.http import HttpServer
+
+STATIC_JS = "/static/vendor/uplot/uPlot.iife.min.js"
 from swarm_node.learning.tasks import TaskSet
 from swarm_node.network.collector import Collector
 from swarm_node.telemetry import Telemetry
@@ -256,3 +258,20 @@ def test_serves_when_started_from_a_running_event_loop_and_reports_a_busy_port()
         telemetry.close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2)  # closed: nothing listens any more
+
+
+def test_a_slow_reader_gets_the_whole_answer(served):
+    _, url = served
+    port = int(url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    s.sendall(b"GET /static/vendor/uplot/uPlot.iife.min.js HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(1.0)  # the answer waits in buffers meanwhile
+    data = b""
+    while chunk := s.recv(1024):  # then read it slowly, to the end
+        data += chunk
+        time.sleep(0.001)
+    s.close()
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == length == len(get(url + STATIC_JS)[2]) > 50_000

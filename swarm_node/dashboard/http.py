@@ -114,15 +114,20 @@ class HttpServer:
             writer.transport.abort()
             return
         self.open_connections += 1
+        answered = False
         try:
             await self._exchange(reader, writer)
+            answered = True
         except (asyncio.TimeoutError, TimeoutError):
             self.timed_out_connections += 1
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
             self.open_connections -= 1
-            writer.transport.abort()
+            if answered:
+                writer.close()  # the answer is with the kernel: a normal close sends it, then FIN
+            else:
+                writer.transport.abort()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.max_head_bytes)
@@ -144,6 +149,7 @@ class HttpServer:
         if method != "HEAD":
             data += conn.send(h11.Data(data=response.body))
         data += conn.send(h11.EndOfMessage())
+        writer.transport.set_write_buffer_limits(high=0)  # drain() returns once all of it is with the kernel
         writer.write(data)
         await asyncio.wait_for(writer.drain(), self.write_timeout_s)
 
