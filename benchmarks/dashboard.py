@@ -147,9 +147,11 @@ def main() -> None:
         log.close()
 
     arms: dict[str, list[float]] = {}
+    phase_means: dict[str, list[float]] = {}
     for arm, start, end in phases:  # rounds that started and ended inside the phase
-        arms.setdefault(arm, []).extend(r["round_s"] for r in rows if r["time_s"] - r["round_s"] >= start
-                                        and r["time_s"] <= end)
+        inside = [r["round_s"] for r in rows if r["time_s"] - r["round_s"] >= start and r["time_s"] <= end]
+        arms.setdefault(arm, []).extend(inside)
+        phase_means.setdefault(arm, []).append(round(statistics.mean(inside), 4) if inside else None)
     result = {
         "page_weight_bytes": page_weight_bytes(),
         "page_weight_by_file": weight,
@@ -157,7 +159,10 @@ def main() -> None:
         "bytes_per_update_mean": statistics.mean(client_stats["update_bytes"]) if client_stats else None,
         "client_updates": client_stats.get("updates"),
         "round_s": {arm: {"rounds": len(v), "mean": round(statistics.mean(v), 4) if v else None,
-                          "stdev": round(statistics.stdev(v), 4) if len(v) > 1 else None} for arm, v in arms.items()},
+                          "stdev": round(statistics.stdev(v), 4) if len(v) > 1 else None,
+                          "median": round(statistics.median(v), 4) if v else None,
+                          "stderr": round(statistics.stdev(v) / len(v) ** 0.5, 4) if len(v) > 1 else None,
+                          "phase_means": phase_means[arm]} for arm, v in arms.items()},
     }
     no, yes = (result["round_s"][a]["mean"] for a in arms)
     result["client_added_round_s_pct"] = round(100 * (yes - no) / no, 2) if no and yes else None
@@ -172,6 +177,8 @@ def main() -> None:
     table.add_row("bytes per update (one node), mean", f"{result['bytes_per_update_mean'] or 0:,.0f}")
     for arm, s in result["round_s"].items():
         table.add_row(f"round_s mean ± stdev, {arm} ({s['rounds']} rounds)", f"{s['mean']} ± {s['stdev']}")
+        table.add_row(f"  median; standard error of the mean", f"{s['median']}; {s['stderr']}")
+        table.add_row("  mean per phase", " ".join(str(m) for m in s["phase_means"]))
     table.add_row("round time added by the client, %", str(result["client_added_round_s_pct"]))
     Console().print(table)
 
