@@ -129,6 +129,8 @@ class LocalSwarm:
         for i in range(1, self.num_nodes):
             peer = self._wait_for_info(i)
             console.print(f"node{i} {peer['peer_id']} joined")
+        if info.get("metrics_url"):  # node0's page shows every node of this swarm (it reads its siblings' endpoints)
+            console.print(f"[bold]dashboard[/] of the whole swarm: {info['metrics_url']}/")
         console.print(f"watch it live: swarm-node status {self.out}   (metrics: {info.get('metrics_url')}/metrics)")
 
     def _read_metrics(self, i: int) -> list[dict[str, Any]]:

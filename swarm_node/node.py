@@ -274,6 +274,7 @@ class Node:
         cfg = self.config
         self.telemetry.info.update(peer_id=self.peer_id, multiaddrs=self.maddrs, model=self.policy.name,
                                    output_dir=str(self.out_dir), round=self.round)
+        self.telemetry.load_history(self.out_dir)  # a resumed node's earlier rounds, for the dashboard
         if cfg.metrics_port < 0:
             return
         try:
@@ -282,13 +283,14 @@ class Node:
             raise NetworkError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port} ({e.strerror}); "
                                "pass another --metrics-port, 0 for a free one, or -1 to turn it off") from None
         self.metrics_url = f"http://{cfg.metrics_host}:{port}"
-        log.info("metrics, health and status at %s/metrics /healthz /status", self.metrics_url)
+        log.info("dashboard at %s/ (metrics, health and status at /metrics /healthz /status)", self.metrics_url)
 
     async def _measure_loop_lag(self) -> None:
         while True:
             t0 = time.perf_counter()
             await asyncio.sleep(1.0)
             self.telemetry.loop_lag_s.set(max(0.0, time.perf_counter() - t0 - 1.0))
+            self.telemetry.refresh_peers(self.collector)  # the dashboard's peer table, built on this loop
 
     def _write_node_info(self) -> None:
         info = {"peer_id": self.identity.peer_id.to_base58(), "multiaddrs": self.maddrs, "pid": os.getpid(),
@@ -470,6 +472,7 @@ class Node:
             f.write(json.dumps(line) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self.telemetry.observe_eval(line)
         log.info("held-out accuracy after round %d: %.3f (%d questions)", self.round, line["heldout_accuracy"],
                  line["num_questions"])
 

@@ -1,7 +1,8 @@
 """`swarm-node status`: a running node's state in a rich table, read from its /status endpoint.
 
 TARGET is the node's endpoint URL (http://127.0.0.1:PORT) or its output directory (whose node.json holds the
-URL); a local swarm's output directory shows every node in it.
+URL); a local swarm's output directory shows every node in it. The last line is the URL of the live dashboard
+(the first node's page, which shows every node of a local swarm).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def render(target: str, console: Console | None = None) -> None:
     for col in ("node", "peer ID", "multiaddrs", "state", "round", "reward local (last 5)", "ext. used", "peers",
                 "rejected", "last problem"):
         table.add_column(col, overflow="fold")
-    for label, url in resolve_urls(target):
+    urls = resolve_urls(target)
+    for label, url in urls:
         try:
             s = fetch_status(url)
         except StatusError as e:
@@ -70,4 +72,7 @@ def render(target: str, console: Console | None = None) -> None:
             str(sum(s.get("rejected", {}).values())),
             s.get("last_problem") or "",
         )
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    # one page for the whole local swarm: the first node's dashboard reads its siblings' endpoints
+    console.print(f"dashboard: {urls[0][1].removesuffix('/status')}/")

@@ -6,6 +6,8 @@ Endpoints (bound to 127.0.0.1 by default):
   lingering, within `health_stall_s`), else 503.
 - `/status`: JSON for `swarm-node status`: peer ID, multiaddrs, round, recent rewards, peers, rejections,
   last warning or error.
+- `/`: the live dashboard page, and its JSON endpoints `/api/rounds`, `/api/eval`, `/api/peers`, `/api/swarm`
+  (swarm_node/dashboard/). The server runs on its own thread and event loop (swarm_node/dashboard/http.py).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import logging
 import threading
 import time
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from swarm_node.dashboard.api import MAX_EVALS, MAX_ROUNDS, DashboardApi, peers_snapshot, round_row
+from swarm_node.dashboard.http import HttpServer
 
 NAMESPACE = "swarm_node"
 PHASES = ("generate", "publish", "collect", "train", "round")
@@ -70,7 +75,13 @@ class Telemetry:
         self._seen_rejects: dict[str, int] = {}
         self._last_bytes = {"in": 0, "out": 0}
         self._last_merge_bytes = {"in": 0, "out": 0}
-        self._server: ThreadingHTTPServer | None = None
+        self._server: HttpServer | None = None
+        # dashboard snapshots (swarm_node/dashboard/api.py): rows are never mutated once appended, and `peers` is
+        # replaced as a whole, so the HTTP thread reads them without a lock
+        self.rows: deque[dict[str, Any]] = deque(maxlen=MAX_ROUNDS)
+        self.evals: deque[dict[str, Any]] = deque(maxlen=MAX_EVALS)
+        self.peers_info: tuple[list[dict[str, Any]], int, float] = ([], 0, 0.0)  # rows, peers known, unix time
+        self._process = psutil.Process()
 
     def observe_round(self, m: dict[str, Any], received_groups: int) -> None:
         """Record one metrics.jsonl line (see Node.run_round) and the cumulative verified-group count."""
@@ -101,9 +112,48 @@ class Telemetry:
             if total is not None:
                 self.merge_bytes.labels(direction).inc(max(0, total - self._last_merge_bytes[direction]))
                 self._last_merge_bytes[direction] = total
+        row = round_row(m, self.rows[-1]["rejected_total"] if self.rows else {})
+        row["rss_mb"] = round(self._process.memory_info().rss / 2**20, 1)
+        self.rows.append(row)
         self.recent.append({k: m[k] for k in ("round", "reward_local_mean", "reward_train_mean", "external_groups_used",
                                               "peers_seen", "loss", "round_s")})
         self.last_progress_s = time.time()
+
+    def observe_eval(self, line: dict[str, Any]) -> None:
+        """Record one eval.jsonl line (held-out accuracy; see Node._evaluate) for /api/eval."""
+        self.evals.append({k: line.get(k) for k in ("round", "heldout_accuracy", "num_questions", "ood_accuracy",
+                                                    "ood_num_questions", "eval_s", "time_s")})
+
+    def load_history(self, out_dir: Path) -> None:
+        """Fill the dashboard's series from the last MAX_ROUNDS lines of metrics.jsonl and eval.jsonl (a resumed
+        node's earlier rounds). A torn or foreign line ends the read."""
+        for name, keep in (("metrics.jsonl", MAX_ROUNDS), ("eval.jsonl", MAX_EVALS)):
+            path = out_dir / name
+            if not path.exists():
+                continue
+            with open(path) as f:
+                lines = deque(f, maxlen=keep)
+            for text in lines:
+                try:
+                    line = json.loads(text)
+                    if name == "eval.jsonl":
+                        self.observe_eval(line)
+                    else:
+                        self.rows.append(round_row(line, self.rows[-1]["rejected_total"] if self.rows else {}))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    break
+
+    def refresh_peers(self, collector) -> None:
+        """Snapshot the peers this node knows for /api/peers. Call on the thread that owns `collector` (the node's
+        event loop); the HTTP thread only reads the new tuple."""
+        if collector is None:
+            return
+        try:
+            rows, known = peers_snapshot(collector)
+        except Exception as e:  # a dashboard bug must not end the caller's loop (the event-loop lag probe)
+            logging.getLogger("swarm_node").debug("peer snapshot failed: %r", e)
+            return
+        self.peers_info = (rows, known, time.time())
 
     def mark(self, state: str) -> None:
         """Set the lifecycle state (starting, running, lingering, stopping); counts as progress."""
@@ -122,34 +172,16 @@ class Telemetry:
                 "last_problem_at_s": self.problem.at_s}
 
     def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint on a daemon thread; port 0 picks a free one. Returns the bound port."""
-        telemetry = self
+        """Start the HTTP endpoint (metrics, health, status, dashboard) on a daemon thread; port 0 picks a free
+        one. Returns the bound port.
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
-                if self.path == "/metrics":
-                    body, code, ctype = generate_latest(telemetry.registry), 200, CONTENT_TYPE_LATEST
-                elif self.path == "/healthz":
-                    ok, health = telemetry.health()
-                    body, code, ctype = json.dumps(health).encode(), 200 if ok else 503, "application/json"
-                elif self.path == "/status":
-                    body, code, ctype = json.dumps(telemetry.status()).encode(), 200, "application/json"
-                else:
-                    body, code, ctype = b"not found: try /metrics, /healthz or /status\n", 404, "text/plain"
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):  # keep the node's log clean
-                pass
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=self._server.serve_forever, name="telemetry-http", daemon=True).start()
-        return self._server.server_address[1]
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        self._server = HttpServer(DashboardApi(self).route)
+        return self._server.start(host, port)
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
+            self._server = None

@@ -23,6 +23,7 @@ def test_local_swarm_of_three_exchanges_rollouts_and_cleans_up(tmp_path):
            "--merge-mode", "params", "--merge-every-rounds", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "dashboard of the whole swarm: http://127.0.0.1:" in result.stdout  # one URL for the local swarm
     peer_ids, pids, checksums = set(), [], []
     for i in range(3):
         info = json.loads((out / f"node{i}" / "node.json").read_text())

@@ -107,6 +107,8 @@ class Collector:
         self._tries = PeerCounter(peers, peer_ttl_s)  # fetches attempted per peer
         self._admitted_this_round = 0  # manifests admitted since the last take (max_manifests_per_round)
         self.peers_announced = BoundedSet(peers, peer_ttl_s)  # peers with a valid manifest seen recently
+        # peer -> (model, round, policy_version, created_at_s) of its latest valid manifest (the dashboard's peers)
+        self.peer_latest = PeerMap(peers, peer_ttl_s)
         self.verify_s = 0.0
         self.verified_groups = 0
         self.cycles = 0  # background collection cycles completed
@@ -185,6 +187,8 @@ class Collector:
         self._count_bad_signatures()
         for m in manifests:
             self.peers_announced.add(m.peer_id)
+            if m.created_at_s >= self.peer_latest.get(m.peer_id, (None, None, None, -1.0))[3]:  # shards: newest
+                self.peer_latest[m.peer_id] = (m.model, m.round, m.policy_version, m.created_at_s)
         manifests = [m for m in manifests if self._is_fresh(m)]
         for m in manifests:
             self.pool.note_version(m.peer_id, m.policy_version)
