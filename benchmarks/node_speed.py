@@ -189,14 +189,14 @@ class PaddedTrainer(Trainer):
             mask[i, : len(s.completion_ids)] = 1
         decoder = getattr(model, model.base_model_prefix)
         cache = DynamicCache()
-        prompt_hidden = decoder(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).last_hidden_state
+        prompt_hidden = decoder(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True).last_hidden_state
         cache.batch_repeat_interleave(B)
         picked = prompt_hidden[:, -1:].expand(B, 1, -1)
         if Tc > 1:
             attention = torch.cat([torch.ones((B, Tp)), mask], dim=1).long()
             positions = torch.arange(Tp, Tp + Tc - 1).expand(B, -1)
             hidden = decoder(input_ids=targets[:, :-1], attention_mask=attention[:, :-1], position_ids=positions,
-                             past_key_values=cache, use_cache=True).last_hidden_state
+                             cache=cache, use_cache=True).last_hidden_state
             picked = torch.cat([picked, hidden], dim=1)
         logits = model.get_output_embeddings()(picked).float()
         logprobs = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")

@@ -5,7 +5,8 @@ others start with `--initial-peers` pointing at it. Every run starts fresh: the 
 but not their metrics or checkpoints (run `swarm-node run` per node to resume). Each node runs in its own session (process group), so a
 stop reaches its DHT process and p2pd too. The launcher streams every node's per-round line from its
 `metrics.jsonl`, and stops all nodes with SIGTERM (then SIGKILL of the process group after a deadline) when
-every node has finished its rounds, when one node crashes, or on Ctrl-C.
+every node has finished its rounds, when one node crashes, on Ctrl-C, or when the launcher itself gets SIGTERM
+(it forwards the signal to every node, waits for them and reaps them, so no node, DHT process or p2pd outlives it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ console = Console(stderr=False, highlight=False)
 
 class LauncherError(OperatorError):
     """The local swarm could not be started or a node failed; the message points at the node's log."""
+
+
+class Terminated(Exception):
+    """The launcher received SIGTERM: its nodes are stopped the same way as after Ctrl-C."""
 
 
 def _flags(overrides: dict[str, Any]) -> list[str]:
@@ -195,19 +201,39 @@ class LocalSwarm:
             proc.wait()
 
     def run(self, interrupted_message: str = "interrupted: stopping all nodes") -> int:
-        """start(), wait() and always stop(). Returns wait()'s status, or 130 after Ctrl-C.
+        """start(), wait() and always stop(). Returns wait()'s status, 130 after Ctrl-C or 143 after SIGTERM
+        (forwarded to every node by stop(); the nodes are waited for and reaped before this returns).
 
         Raises:
             LauncherError: a node did not start (the nodes already started are stopped).
         """
+        # own SIGTERM only where nobody else handles it (signal handlers work in the main thread only; an experiment
+        # installs its own, which stops the swarm like Ctrl-C)
+        in_main = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+        stopping = False
+
+        def on_sigterm(signum, frame):
+            nonlocal stopping
+            if not stopping:  # once is enough, and never inside stop(): it forwards SIGTERM to every node itself
+                stopping = True
+                raise Terminated()
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
         try:
             self.start()
             return self.wait()
         except KeyboardInterrupt:
             console.print(interrupted_message)
             return 130
+        except Terminated:
+            console.print("SIGTERM: stopping all nodes")
+            return 128 + signal.SIGTERM
         finally:
+            stopping = True
             self.stop()
+            if in_main:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     def summary(self) -> Table:
         table = Table(title=f"local swarm: {self.num_nodes} nodes, output in {self.out}")

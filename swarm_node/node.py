@@ -113,6 +113,8 @@ class Node:
         self._check_memory()
         self.identity = load_or_create_identity(cfg.resolved_identity_path)
         self._lock_fd = lock_identity(self.identity.path)
+        # a node.json left by the previous run would send joiners (--initial-peers-file) to stale addresses
+        (self.out_dir / "node.json").unlink(missing_ok=True)
         reap_recorded(self.out_dir / "node.pids")  # survivors of a previous run killed with -9
         from swarm_node.network.verify import VerifyWorker
 

@@ -142,7 +142,7 @@ def generate(policy: Policy, prompts: list[str], num_completions: int, max_new_t
     try:
         cache = DynamicCache()
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)  # (P, T): left padding shifts positions
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1)
         rows = len(prompts) * num_completions
         logits = out.logits[:, -1].repeat_interleave(num_completions, dim=0)  # (P * L, V)
@@ -168,7 +168,7 @@ def generate(policy: Policy, prompts: list[str], num_completions: int, max_new_t
                 cache.batch_select_indices(idx)
             attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=1)
             out = model(input_ids=nxt[:, None], attention_mask=attention, position_ids=next_pos,
-                        past_key_values=cache, use_cache=True)
+                        cache=cache, use_cache=True)
             next_pos = next_pos + 1
             logits = out.logits[:, -1]
     finally:

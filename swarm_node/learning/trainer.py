@@ -187,7 +187,7 @@ class Trainer:
         targets, mask = targets.to(device), mask.to(device)
         decoder = getattr(model, model.base_model_prefix)
         prompt_cache = DynamicCache()
-        prompt_hidden = decoder(input_ids=torch.tensor([prompt], device=device), past_key_values=prompt_cache,
+        prompt_hidden = decoder(input_ids=torch.tensor([prompt], device=device), cache=prompt_cache,
                                 use_cache=True).last_hidden_state  # (1, Tp, H)
         prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]  # (1, heads, Tp, d) each
         parts, order = [], []
@@ -200,7 +200,7 @@ class Trainer:
                 attention = torch.cat([torch.ones((nb, Tp), device=device), mask[idx, : Tb - 1]], dim=1).long()
                 positions = torch.arange(Tp, Tp + Tb - 1, device=device).expand(nb, -1)  # (nb, Tb - 1)
                 hidden = decoder(input_ids=targets[idx, : Tb - 1], attention_mask=attention, position_ids=positions,
-                                 past_key_values=cache, use_cache=True).last_hidden_state  # (nb, Tb - 1, H)
+                                 cache=cache, use_cache=True).last_hidden_state  # (nb, Tb - 1, H)
                 states = torch.cat([states, hidden], dim=1)  # (nb, Tb, H)
             parts.append(F.pad(states, (0, 0, 0, Tc - Tb)))  # (nb, Tc, H)
             order += rows
