@@ -4,6 +4,7 @@ model shares rollouts with them but never merges. Waits are for states (rounds i
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
@@ -40,8 +41,12 @@ def test_same_model_peers_merge_and_another_model_only_shares_rollouts(tmp_path)
     try:
         nodes["a"] = Proc(tmp_path / "a", [], FLAGS + ["--model", "tiny", "--seed", "1"])
         nodes["b"] = Proc(tmp_path / "b", [], FLAGS + ["--model", "tiny", "--seed", "2"], bootstrap=nodes["a"])
-        nodes["c"] = Proc(tmp_path / "c", [], FLAGS + ["--model", str(other), "--seed", "3"], bootstrap=nodes["a"])
+        # the other model does not merge, so its rounds take a fraction of the pair's: it runs more of them (later
+        # flags win), so that some of its rounds come after the pair has published rollouts
+        nodes["c"] = Proc(tmp_path / "c", [], FLAGS + ["--model", str(other), "--seed", "3", "--rounds", "60"],
+                          bootstrap=nodes["a"])
         rows = {name: p.wait_rounds(3, timeout_s=240) for name, p in nodes.items()}
+        rows["c"] = nodes["c"].rows()  # every round c has run by the time the pair finished its 3
         a, b, c = rows["a"], rows["b"], rows["c"]
         for r in range(3):
             # the two tiny peers (other seeds, so other weights) merged every round, as a pair. On a loaded
@@ -56,10 +61,16 @@ def test_same_model_peers_merge_and_another_model_only_shares_rollouts(tmp_path)
             assert c[r]["merge_s"] < 2.0, c[r]
         assert a[-1]["merges"] == 3 and a[-1]["merge_bytes_out"] > 0
         assert a[-1]["merges_failed"] == a[-1]["merge_repairs"] == sum(row["merge_outcome"] == "repaired" for row in a)
-        assert c[-1]["merges"] == 0 and c[-1]["merges_skipped"] == 3 and c[-1]["merge_bytes_out"] == 0
+        assert c[2]["merges"] == 0 and c[2]["merges_skipped"] == 3 and c[2]["merge_bytes_out"] == 0
         # but rollouts cross the model boundary both ways. A node never waits for peers (background collection), so
         # which peers' groups a given round finds depends on timing: the tiny pair's rounds take seconds (they merge)
-        # while the other model's take a fraction of one, so assert over all rounds, not per round.
+        # while the other model's take a fraction of one, so assert over all rounds, not per round. c's rounds may
+        # all end before the pair publishes (c runs 60 rounds for that reason); if so, wait for the pair's groups.
+        deadline = time.monotonic() + 120
+        while not any(set(r["external_peer_ids"]) & {rows["a"][0]["peer_id"], rows["b"][0]["peer_id"]}
+                      for r in rows["c"]) and len(rows["c"]) < 60 and time.monotonic() < deadline:
+            time.sleep(1)
+            rows["c"] = nodes["c"].rows()
         ids = {name: rows[name][0]["peer_id"] for name in nodes}
         used = {name: set().union(*(row["external_peer_ids"] for row in rows[name])) for name in nodes}
         assert ids["c"] in used["a"] and ids["c"] in used["b"], (ids, used)  # same-model peers used the other model's
