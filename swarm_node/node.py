@@ -288,6 +288,7 @@ class Node:
         log.info("dashboard at %s/ (metrics, health and status at /metrics /healthz /status)", self.metrics_url)
 
     async def _measure_loop_lag(self) -> None:
+        self.telemetry.refresh_peers(self.collector)  # a first peer table before round 1, not a second later
         while True:
             t0 = time.perf_counter()
             await asyncio.sleep(1.0)
