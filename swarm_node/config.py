@@ -386,6 +386,12 @@ class NodeConfig(_Section):
     linger_s: float = Field(
         0.0, ge=0, description="After the last round, keep serving rollouts to peers for this long, seconds."
     )
+    min_round_interval_s: float = Field(
+        0.0, ge=0, description="Shortest time from the start of one round to the start of the next, seconds; a "
+        "faster round waits out the rest while background collection goes on (logged as `pace_wait_s`). 0 never "
+        "waits. For capping a node's CPU share, and for smoke tests whose tiny-model rounds finish faster than "
+        "one collection cycle (the `tiny` experiment preset)."
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of the /metrics, /healthz and /status endpoint.")
     metrics_port: int = Field(
         0, ge=-1, le=65535, description="Port of the /metrics, /healthz and /status endpoint: 0 picks a free port "

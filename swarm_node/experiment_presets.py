@@ -149,9 +149,12 @@ PRESETS: dict[str, Preset] = {
         per_agent=({"stream_tasks": ["chain_sum"]}, {"stream_tasks": ["syllogism"]}),
         overrides=dict(model="tiny", num_completions=4, max_new_tokens=8, eval_every_rounds=1, eval_num_questions=8,
                        eval_ood_num_questions=4, filter_zero_advantage=False, collect_timeout_s=20,
-                       checkpoint_every_rounds=1),
+                       collect_interval_s=0.5, min_round_interval_s=4.0, checkpoint_every_rounds=1),
         notes=("CI smoke test of the harness, not of the science: a random 2-layer model that never scores, so "
-               "zero-advantage filtering is off. Each agent draws from one task (as in `heterogeneous`).",),
+               "zero-advantage filtering is off. Each agent draws from one task (as in `heterogeneous`).",
+               "Rounds start at least 4 s apart (min_round_interval_s): a tiny-model round takes about 0.1 s, "
+               "faster than one collection cycle, so without pacing a 2/2 agent would finish before a peer's "
+               "groups were verified."),
     ),
     "smol": Preset(
         name="smol", agents=4, rounds=24, groups_per_round=4, seeds=(0, 1),

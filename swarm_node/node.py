@@ -94,6 +94,8 @@ class Node:
         self._verify_worker = None  # swarm_node.network.verify.VerifyWorker, launched in start()
         self.rounds_failed = 0  # rounds that raised unexpectedly and were retried (metrics `rounds_failed`)
         self._failed_in_a_row = 0
+        self._round_started = time.monotonic()
+        self._pace_wait_s = 0.0  # min_round_interval_s wait before the current round (metrics `pace_wait_s`)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -353,6 +355,9 @@ class Node:
         self.telemetry.mark("running")
         await self._maybe_evaluate()  # round 0: the base policy
         while not self.stopping and (cfg.rounds == 0 or self.round < cfg.rounds):
+            if self.round:
+                await self._pace()
+            self._round_started = time.monotonic()
             try:
                 metrics = await self.run_round(self.round + 1)
             except (OperatorError, MemoryError):
@@ -370,6 +375,7 @@ class Node:
             if metrics is None:
                 break  # stopped mid-round: the round did not happen, the counter stays
             metrics["rounds_failed"] = self.rounds_failed
+            metrics["pace_wait_s"] = round(self._pace_wait_s, 3)
             self.round += 1
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -454,6 +460,16 @@ class Node:
         for path in (metrics_path, self.out_dir / "eval.jsonl"):
             _truncate_jsonl(path, self.round)
         log.info("resumed from checkpoint at round %d (policy version %d)", self.round, self.trainer.policy_version)
+
+    async def _pace(self) -> None:
+        """Wait out the rest of `min_round_interval_s` since the last round started (a stop ends the wait)."""
+        rest = self.config.min_round_interval_s - (time.monotonic() - self._round_started)
+        self._pace_wait_s = max(0.0, rest)
+        if rest > 0:
+            try:
+                await asyncio.wait_for(self._stop.wait(), rest)
+            except asyncio.TimeoutError:
+                pass
 
     async def _maybe_evaluate(self) -> None:
         """Held-out evaluation before round 1, every `eval_every_rounds` rounds and after the last round; skipped
