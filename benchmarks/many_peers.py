@@ -97,8 +97,16 @@ class LightPeer:
         self.payloads: dict[int, bytes] = {}
         self.p2p = await P2P.create(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
                                     identity_path=str(identity.path), check_if_identity_free=False)
-        self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=initial_peers, num_replicas=net.dht_replicas,
-                                        record_validator=self.validator)
+        for attempt in range(4):  # the loaded machine can miss a bootstrap ping: retry, as a restarting node would
+            try:
+                self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=initial_peers, wait_timeout=15,
+                                                num_replicas=net.dht_replicas, record_validator=self.validator)
+                break
+            except RuntimeError:
+                if attempt == 3:
+                    await self.p2p.shutdown()
+                    raise
+                await asyncio.sleep(2)
         await self.p2p.add_binary_stream_handler(STREAM_PROTOCOL, self._serve)
         self.fetches = 0
         return self
@@ -164,8 +172,9 @@ async def worker_main(args) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     work = Path(args.work)
     peers = []
-    for i in range(args.first, args.first + args.count):
-        peers.append(await LightPeer.create(work / f"peer{i}.key", args.boot, cfg.network))
+    for i in range(args.first, args.first + args.count):  # later peers also bootstrap from this worker's first
+        boot = args.boot + ([str(a) for a in (await peers[0].p2p.get_visible_maddrs())[:1]] if peers else [])
+        peers.append(await LightPeer.create(work / f"peer{i}.key", boot, cfg.network))
     print(json.dumps({"ready": [p.peer_id for p in peers]}), flush=True)
     log = open(work / f"publish_{args.first}.jsonl", "a")
     rngs = {p.peer_id: random.Random(hash(p.peer_id) & 0xFFFF) for p in peers}
@@ -338,6 +347,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarize(rows: list[dict], skip: int) -> dict:
     """Medians over the measured rounds (the first `skip` warm-up rounds dropped) and latency percentiles."""
     rows = rows[skip:] or rows
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)
     med = lambda k: statistics.median([r[k] for r in rows if r[k] is not None]) if any(
         r[k] is not None for r in rows) else None
     lat = [x for r in rows for x in r["cycle_latency_s"]]
@@ -347,7 +357,8 @@ def summarize(rows: list[dict], skip: int) -> dict:
         "verify_cpu_s", "rss_mb", "coverage", "peers_covered", "fresh_groups", "usable_groups", "chosen",
         "peers_announced", "cycles")},
         collect_p50_s=percentile(lat, 0.5), collect_p95_s=percentile(lat, 0.95),
-        chosen_age_p50_s=percentile(ages, 0.5), chosen_age_max_s=max(ages) if ages else None)
+        chosen_age_p50_s=percentile(ages, 0.5), chosen_age_max_s=max(ages) if ages else None,
+        verify_cpu_s_mean=mean("verify_cpu_s"), dht_bytes_mean=mean("dht_bytes"), payload_bytes_mean=mean("payload_bytes"))
 
 
 def node_overrides(args, n: int) -> dict:
@@ -369,7 +380,7 @@ async def run_one(args) -> dict:
     try:
         await node.start()
         boot = node.maddrs[:1]
-        per = -(-args.one // args.procs)
+        per = args.per_proc
         peer_cfg = {k: v for k, v in overrides.items() if k in ("num_shards", "dht_replicas", "swarm_name",
                                                               "publish_ttl_s", "max_shards_read_per_poll")}
         for first in range(0, args.one, per):
@@ -415,6 +426,9 @@ async def run_one(args) -> dict:
 
 
 def git_commit() -> str:
+    """The commit of the code measured (BENCH_GIT_COMMIT when it runs from an exported tree)."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     except Exception:
@@ -430,7 +444,7 @@ def main() -> None:
     p.add_argument("--period-s", type=float, default=4.0, help="a light peer publishes a round this often")
     p.add_argument("--groups", type=int, default=4, help="groups per light-peer payload")
     p.add_argument("--completions", type=int, default=8, help="completions per group")
-    p.add_argument("--procs", type=int, default=4, help="worker processes hosting the light peers")
+    p.add_argument("--per-proc", type=int, default=8, help="light peers per worker process")
     p.add_argument("--extra", default="{}", help="JSON node config overrides (same for the light peers' layout)")
     p.add_argument("--label", default="run")
     p.add_argument("--out", default=None)
@@ -447,6 +461,7 @@ def main() -> None:
         asyncio.run(worker_main(args))
         return
     if args.one:
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # cleanup runs
         result = asyncio.run(run_one(args))
         Path(args.json).write_text(json.dumps(result))
         return
@@ -489,7 +504,7 @@ def print_table(results: list[dict]) -> None:
         s = r["summary"]
         f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"
         print(f"| {r['peers']} | {f(s['dht_keys'], 0)} | {f(s['dht_bytes'] / 1024)} | {f(s['fetches'], 0)} | "
-              f"{f(s['payload_bytes'] / 1024)} | {f(s['payloads_verified'], 0)} | {f(s['verify_cpu_s'], 3)} | "
+              f"{f(s['payload_bytes'] / 1024)} | {f(s['payloads_verified'], 0)} | {f(s['verify_cpu_s_mean'], 3)} | "
               f"{f(s['collect_p50_s'], 2)} | {f(s['collect_p95_s'], 2)} | {f(s['rss_mb'], 0)} | "
               f"{f(s['coverage'], 2)} | {f(s['peers_covered'], 2)} | {f(s['chosen_age_p50_s'])} | "
               f"{f(s['round_s'])} |", flush=True)
