@@ -96,7 +96,8 @@ class LightPeer:
         self.validator = RSASignatureValidator(identity.private_key)
         self.payloads: dict[int, bytes] = {}
         self.p2p = await P2P.create(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                    identity_path=str(identity.path), check_if_identity_free=False)
+                                    identity_path=str(identity.path), check_if_identity_free=False,
+                                    startup_timeout=90)
         for attempt in range(4):  # the loaded machine can miss a bootstrap ping: retry, as a restarting node would
             try:
                 self.dht = await DHTNode.create(p2p=self.p2p, initial_peers=initial_peers, wait_timeout=15,
@@ -215,7 +216,7 @@ class Meter:
     def __init__(self, node, publish_logs: list[Path]):
         self.node, self.exchange, self.collector = node, node.exchange, node.collector
         self.publish_logs = publish_logs
-        self.dht_bytes = self.dht_keys = self.fetches = self.payloads_verified = 0
+        self.dht_bytes = self.dht_keys = self.dht_records = self.fetches = self.payloads_verified = 0
         self.cycle_latency_s: list[float] = []
         self.rows: list[dict] = []
         self._last = self._snapshot()
@@ -230,6 +231,7 @@ class Meter:
         async def _get(key):
             found = await get(key)
             self.dht_keys += 1
+            self.dht_records += len(found or {})
             for subkey, item in (found or {}).items():
                 self.dht_bytes += len(subkey) if isinstance(subkey, bytes) else 0
                 self.dht_bytes += len(item.value) if isinstance(item.value, bytes) else 0
@@ -272,7 +274,7 @@ class Meter:
         return sum(self._worker_cpu.values())
 
     def _snapshot(self) -> dict:
-        return dict(dht_bytes=self.dht_bytes, dht_keys=self.dht_keys, fetches=self.fetches,
+        return dict(dht_bytes=self.dht_bytes, dht_keys=self.dht_keys, dht_records=self.dht_records, fetches=self.fetches,
                     payload_bytes=self.exchange.bytes_in, payloads_verified=self.payloads_verified,
                     groups_verified=self.collector.verified_groups, cycles=len(self.cycle_latency_s),
                     verify_cpu_s=self._worker_cpu_s() if hasattr(self, "_worker_cpu") else 0.0)
