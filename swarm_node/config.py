@@ -264,8 +264,9 @@ class NetworkConfig(_Section):
     )
     min_peers_timeout_s: float = Field(120.0, ge=0, description="Longest wait for min_peers before round 1, seconds.")
     max_manifests_per_round: int = Field(
-        64, ge=1, description="New peer manifests fetched per round at most (peers that delivered before go first); "
-        "the rest wait for a later round and are counted once as `flood`."
+        64, ge=1, description="New peer manifests one collection poll considers at most (peers that delivered "
+        "before go first); the rest wait for a later poll and are counted once as `flood`. What is fetched is "
+        "bounded further by fetches_per_round."
     )
     max_shard_reads_per_poll: int = Field(
         8, ge=1, description="Most shard keys one collection poll reads; the node reads a random subset of the "
