@@ -247,8 +247,10 @@ class Meter:
 
         async def _once():
             t0 = time.monotonic()
-            before = set(col._inflight.values())
+            before, polls = set(col._inflight.values()), getattr(col, "polls", None)
             await once()
+            if polls is not None and col.polls == polls:
+                return  # a cycle that read nothing (its round's fetch budget spent): not a collect latency
             started = [t for t in col._inflight.values() if t not in before]
             if not started:
                 self.cycle_latency_s.append(time.monotonic() - t0)

@@ -33,8 +33,9 @@ RECORDS_PER_SHARD = 32  # the shard-count rule's target (`shard_count_for`): abo
 def shard_count_for(num_peers: int, records_per_shard: int = RECORDS_PER_SHARD, minimum: int = 8) -> int:
     """The rule for `num_shards`: the smallest power of two >= num_peers / records_per_shard, at least `minimum`.
 
-    A manifest record (owner marker + signed msgpack manifest) is about 1.1 KB, so a shard's DHT value stays
-    near 32 x 1.1 KB = 36 KB at the swarm size the shard count was chosen for, and under 72 KB up to twice it.
+    A manifest record as read (owner marker + msgpack manifest) is about 610 bytes (measured by
+    benchmarks/many_peers.py), so a shard's DHT value stays near 32 x 0.6 KB = 20 KB at the swarm size the shard
+    count was chosen for, and under 40 KB up to twice it.
     """
     if num_peers <= minimum * records_per_shard:
         return minimum
