@@ -17,7 +17,6 @@ from swarm_node.network.exchange import publish_key, rollout_key, shard_of
 from swarm_node.network.sampling import ShardSampler, choose_fetches, fetch_budget, shard_count_for
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_shard_count_rule_numbers():
@@ -92,7 +91,12 @@ def test_simulator_reproduces_the_measured_many_peer_figures():
     """benchmarks/swarm_sim.py, fed the harness's measured record and payload sizes, round length and peer
     period, predicts the node's per-round DHT bytes, fetches and payload bytes at N <= 64 within 50 % (the
     tolerance: rounds on this loaded machine vary in length, and a fetch can straddle a round's end)."""
-    from swarm_sim import compare_with_harness
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("swarm_sim", ROOT / "benchmarks" / "swarm_sim.py")
+    swarm_sim = sys.modules.setdefault("swarm_sim", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(swarm_sim)  # dataclasses need the module registered
+    compare_with_harness = swarm_sim.compare_with_harness
 
     checked = 0
     for label, mode in (("before", "all"), ("after", "sampled")):
