@@ -5,7 +5,7 @@
 Issue 15, hole 6: the collector's and the trust tracker's per-peer maps grew with every peer ID ever seen. This
 feeds the real `Collector` (and its `PeerTrust`) `--peers` fresh peer IDs, `--batch` per collection cycle, through
 a stand-in for the rollout exchange (the network boundary: no DHT is needed to produce records): each cycle's DHT
-poll returns `batch` fresh manifests of new IDs (all admitted: max_manifests_per_round = batch) plus `batch`
+poll returns `batch` fresh manifests of new IDs (all admitted: max_manifests_per_round = fetches_per_round = batch) plus `batch`
 malformed records signed by other new IDs, and every fetch fails with `hash_mismatch` (a strike). So every ID
 lands in the announcement, admission, failure and strike maps. RSS (psutil, after gc) is sampled every 10% of the
 run. It runs against whichever swarm_node is first on PYTHONPATH (today's main or this branch), so both can be
@@ -53,7 +53,7 @@ class FakeExchange:
 
         self.p2p = _P2P()
 
-    async def poll(self):
+    async def poll(self, shards=None):
         manifests, rejections = [], []
         for _ in range(self.batch):
             pid = fake_peer_id(self.rng)
@@ -76,7 +76,8 @@ def rss_mb() -> float:
 
 async def feed(peers: int, batch: int) -> dict:
     exchange = FakeExchange(batch)
-    net = NetworkConfig(max_manifests_per_round=batch, ban_strikes=1000)
+    net = NetworkConfig(max_manifests_per_round=batch, fetches_per_round=batch, max_inflight_fetches=batch,
+                        ban_strikes=1000)
     collector = Collector(exchange, net, TrainConfig(model="tiny"), random.Random(0))
     samples = [(0, rss_mb())]
     t0 = time.perf_counter()

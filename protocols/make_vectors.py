@@ -123,6 +123,7 @@ def main() -> None:
         "checksums come in (sum, alternating sum) pairs")
     decisions(payload_bytes, manifest, bad)
     answers()
+    shard_keys()
     if not (OUT / DHT_VECTOR).exists():
         dht_record(wire.encode(wire.Manifest.model_validate({**manifest, "version": (1, 0)})))
     print(f"wrote {len(list(OUT.glob('*.json')))} vectors to {OUT}")
@@ -300,5 +301,24 @@ def dht_record(manifest_bytes: bytes) -> None:
         "why": "PROTOCOL.md Signed bytes of a DHT record"}, indent=1, sort_keys=True) + "\n")
 
 
+
+def shard_keys() -> None:
+    """The DHT key of a peer's manifest for several shard counts (PROTOCOL.md, DHT layout and Sampled reads)."""
+    import hashlib
+
+    from swarm_node.network.exchange import rollout_key, shard_of
+
+    ids = ["QmXf2tinhvF778V2YdBTCPoPwGmbWrEpXTYhHqfiASa9PV"] + [
+        "Qm" + hashlib.sha256(str(i).encode()).hexdigest()[:44] for i in range(3)]
+    cases = [{"peer_id": pid, "num_shards": s, "sha256_hex": hashlib.sha256(pid.encode()).hexdigest(),
+              "shard": shard_of(pid, s), "key": rollout_key("sapo", shard_of(pid, s))}
+             for pid in ids for s in (8, 3, 256, 512, 4096)]
+    (OUT / "shard_keys.json").write_text(json.dumps({
+        "message": "ShardKey", "why": "shard = sha256(utf8(peer_id))[0] mod S for S <= 256, else the first 4 digest "
+        "bytes as a little-endian integer mod S; key = \"{swarm_name}/v1/rollouts/{shard}\"", "cases": cases},
+        indent=1, sort_keys=True) + "\n")
+
+
 if __name__ == "__main__":
     main()
+

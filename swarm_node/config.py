@@ -219,7 +219,12 @@ class NetworkConfig(_Section):
         description="Namespace of the DHT keys; nodes only exchange within one swarm name. 1-64 ASCII letters, "
         "digits, `_` or `-` (protocols/PROTOCOL.md), so it is used in keys as given, never rewritten.",
     )
-    num_shards: int = Field(8, ge=1, le=256, description="DHT keys that peers' manifests are spread over.")
+    num_shards: int = Field(
+        8, ge=1, le=65536, description="DHT keys that peers' manifests are spread over (one value per shard). The "
+        "whole swarm must agree. Rule (protocols/PROTOCOL.md, Sampled reads): the smallest power of two >= N / 32 "
+        "for the largest expected swarm size N, at least 8: 8 up to 256 peers, 32 for 1,000, 512 for 10,000, "
+        "4,096 for 100,000. Above 256 it must be a power of two."
+    )
     dht_replicas: int = Field(
         10, ge=1, le=64, description="DHT nodes asked to store each manifest (hivemind num_replicas). More replicas "
         "make every peer's manifest visible to every reader sooner, at one small store RPC per replica per round."
@@ -259,8 +264,32 @@ class NetworkConfig(_Section):
     )
     min_peers_timeout_s: float = Field(120.0, ge=0, description="Longest wait for min_peers before round 1, seconds.")
     max_manifests_per_round: int = Field(
-        64, ge=1, description="New peer manifests fetched per round at most (peers that delivered before go first); "
-        "the rest wait for a later round and are counted once as `flood`."
+        64, ge=1, description="New peer manifests one collection poll considers at most (peers that delivered "
+        "before go first); the rest wait for a later poll and are counted once as `flood`. What is fetched is "
+        "bounded further by fetches_per_round."
+    )
+    max_shard_reads_per_poll: int = Field(
+        8, ge=1, description="Most shard keys one collection poll reads; the node reads a random subset of the "
+        "shards, sized to see about target_manifests_per_poll manifests (all shards in a small swarm)."
+    )
+    target_manifests_per_poll: int = Field(
+        8, ge=1, description="Manifests a collection poll aims to read (at least 2 x J is used), so the DHT bytes "
+        "read per poll do not grow with the swarm."
+    )
+    fetches_per_round: int = Field(
+        6, ge=1, description="Peer payloads fetched per round at least (more if needed to fill J with "
+        "fetch_margin). With every node fetching this many uniformly, a fresh payload is missed by all nodes with "
+        "probability about e^-fetches_per_round."
+    )
+    fetch_margin: float = Field(
+        2.0, ge=1.0, description="Fetch enough payloads per round for fetch_margin x J external groups."
+    )
+    explore_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Share of fetches that go to a random newcomer (a peer that has not yet "
+        "delivered valid groups) rather than to a known-good peer, so newcomers are found."
+    )
+    max_inflight_fetches: int = Field(
+        8, ge=1, description="Most peer payloads being fetched and verified at once: nothing waits on more peers."
     )
     max_groups_per_payload: int = Field(32, ge=1, le=64, description="Groups accepted in one peer payload.")
     max_completions_per_group: int = Field(32, ge=2, le=64, description="Completions accepted per peer group.")

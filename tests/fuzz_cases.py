@@ -135,8 +135,9 @@ def near_valid(draw, base: st.SearchStrategy, valid: dict) -> dict:
 
 
 def encoded(base: st.SearchStrategy, valid: dict | None = None) -> st.SearchStrategy[bytes]:
-    """Bytes to decode: an encoded (mutated or near-valid) message, its bytes with a splice of random bytes, or
-    random bytes."""
+    """Bytes to decode: an encoded (mutated or near-valid) message, its bytes with a splice of random bytes, its
+    bytes padded past every decoder's size limit (so `too_large` is reached by design, not by luck), or random
+    bytes."""
     messages = mutated(base) if valid is None else st.one_of(mutated(base), near_valid(base, valid))
     packed = messages.map(lambda v: msgpack.packb(v, use_bin_type=True))
 
@@ -147,7 +148,8 @@ def encoded(base: st.SearchStrategy, valid: dict | None = None) -> st.SearchStra
         cut = draw(st.integers(0, 4))
         return data[:at] + draw(st.binary(max_size=6)) + data[at + cut:]
 
-    return st.one_of(packed, packed, spliced(), st.binary(max_size=300))
+    oversized = packed.map(lambda data: data + bytes(MAX_PAYLOAD_BYTES + 1))
+    return st.one_of(packed, packed, spliced(), oversized, st.binary(max_size=300))
 
 
 DECODERS = {  # name -> (decoder, field-table strategy, a valid golden message to perturb)

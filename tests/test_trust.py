@@ -139,7 +139,7 @@ def test_per_peer_maps_stay_bounded_under_fresh_peer_ids():
                                      for _ in range(44))
 
     class Sybils:  # the exchange's poll/fetch interface, answered by made-up peers
-        async def poll(self):
+        async def poll(self, shards=None):
             manifests = [wire.Manifest.model_construct(
                 version=wire.PROTOCOL_VERSION, peer_id=new_id(), round=1, policy_version=0, model="m", num_groups=1,
                 num_completions=2, payload_bytes=100, payload_sha256=rng.randbytes(32), created_at_s=get_dht_time())
@@ -149,7 +149,8 @@ def test_per_peer_maps_stay_bounded_under_fresh_peer_ids():
         async def fetch(self, manifest, max_payload_bytes):
             raise FetchError("hash_mismatch" if rng.random() < 0.5 else "fetch_timeout")
 
-    net = NetworkConfig(max_tracked_peers=64, max_manifests_per_round=250)
+    net = NetworkConfig(max_tracked_peers=64, max_manifests_per_round=250, fetches_per_round=250,
+                        max_inflight_fetches=250)  # every manifest admitted (sampling off)
     collector = Collector(Sybils(), net, TrainConfig(model="tiny"), random.Random(0))
 
     async def run():

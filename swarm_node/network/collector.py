@@ -1,8 +1,9 @@
 """The trust boundary: collecting peers' groups in the background, verifying every value, pooling what survives.
 
 Collection runs continuously as one named asyncio task that the node owns (`Collector.start`/`stop`): every
-`collect_interval_s` it polls the DHT for peers' latest manifests, admits the fresh new ones (known-good peers
-first, a bounded number per round), fetches their payloads (bounded in time and bytes), enforces the node's
+`collect_interval_s` it polls a random sample of the DHT shards for peers' latest manifests, admits a few of the
+fresh new ones (a per-round fetch budget of O(J) payloads, known-good peers preferred with random newcomers
+mixed in: network/sampling.py), fetches their payloads (bounded in time and bytes), enforces the node's
 limits, re-creates every question from its task spec and re-scores every completion with the local verifier
 (off the event loop), drops groups whose claimed rewards disagree, dedupes groups by content, and puts the
 survivors into a `GroupPool`. A round never waits for a peer: at training time `take` samples J groups from what
@@ -31,6 +32,7 @@ from swarm_node.network import wire
 from swarm_node.network.exchange import FetchError, RolloutExchange
 from swarm_node.network.peermaps import BoundedSet, PeerCounter, PeerMap, content_digest, manifest_digest
 from swarm_node.network.pool import GroupPool
+from swarm_node.network.sampling import ShardSampler, choose_fetches, fetch_budget
 from swarm_node.network.trust import PeerTrust
 from swarm_node.network.verify import PROMPT_BYTES_PER_TOKEN, SpecPolicy, VerifyBudgetError, VerifyWorker, rescore
 
@@ -105,7 +107,12 @@ class Collector:
         self._good_peers = PeerMap(peers, peer_ttl_s)  # peers that delivered a valid payload before
         self._failures = PeerCounter(peers, peer_ttl_s)  # fetches or payloads of a peer that gave us nothing
         self._tries = PeerCounter(peers, peer_ttl_s)  # fetches attempted per peer
-        self._admitted_this_round = 0  # manifests admitted since the last take (max_manifests_per_round)
+        self._admitted_this_round = 0  # manifests admitted since the last take (the round's fetch budget)
+        # sampled reads and fetches (network/sampling.py): a round costs O(J), not O(swarm size)
+        self.shards = ShardSampler(network.num_shards, network.max_shard_reads_per_poll,
+                                   max(network.target_manifests_per_poll, 2 * train.num_external_groups), rng)
+        self._round_budget: int | None = None  # B: payloads fetched per round (sampling.fetch_budget)
+        self.polls = self.polls_skipped = 0
         self.peers_announced = BoundedSet(peers, peer_ttl_s)  # peers with a valid manifest seen recently
         # peer -> (model, round, policy_version, created_at_s) of its latest valid manifest (the dashboard's peers)
         self.peer_latest = PeerMap(peers, peer_ttl_s)
@@ -177,11 +184,20 @@ class Collector:
 
     # ------------------------------------------------------------------ one background cycle
     async def collect_once(self) -> None:
-        """Poll the DHT once, fetch the admitted new manifests' payloads and verify them into the pool."""
+        """Poll a sample of the DHT shards, fetch the chosen new manifests' payloads and verify them into the pool.
+
+        A cycle whose round has spent its fetch budget, or whose fetch slots are all busy, reads nothing."""
         for seen in (self._seen_manifests, self._flood_counted, self._seen_bad_records, self._seen_content,
                      self._own_content):
             seen.prune()
-        manifests, rejections = await self.exchange.poll()
+        if self._round_budget is not None and (self._admitted_this_round >= self._round_budget
+                                               or len(self._inflight) >= self.net.max_inflight_fetches):
+            self.polls_skipped += 1
+            return
+        shards = self.shards.next_shards()
+        manifests, rejections = await self.exchange.poll(shards)
+        self.polls += 1
+        self.shards.observe(len(shards), getattr(self.exchange, "records_read", len(manifests) + len(rejections)))
         for rej in rejections:
             self._reject_record_once(rej.record_id, rej.reason, rej.peer_id, rej.detail)
         self._count_bad_signatures()
@@ -200,7 +216,11 @@ class Collector:
         now = time.monotonic()
         new = [m for m in new if m.num_groups > 0 and m.peer_id not in self._inflight
                and self._backoff_until.get(m.peer_id, 0.0) <= now]
-        admitted = self._admit(new, self.net.max_manifests_per_round - self._admitted_this_round)
+        self._round_budget = fetch_budget(self.net.fetches_per_round, self.net.fetch_margin,
+                                          self.train.num_external_groups, [m.num_groups for m in new])
+        budget = min(self._round_budget - self._admitted_this_round,
+                     self.net.max_inflight_fetches - len(self._inflight))
+        admitted = self._admit(new, budget)
         self._admitted_this_round += len(admitted)
         # one task per payload: a slow or stalling peer delays only itself, never the cycle or other peers.
         # Announcement order is kept within a cycle's batch start; a copy published later than its original is the
@@ -244,27 +264,39 @@ class Collector:
         self._signatures_counted = total
 
     def _admit(self, manifests: list[wire.Manifest], budget: int) -> list[wire.Manifest]:
-        """Skip banned peers and admit at most `budget` new manifests: peers that delivered valid data before first,
-        then by how often a peer failed us, then least tried first, ties broken at random.
+        """Skip banned peers, then admit at most `budget` of the new manifests, drawn by `sampling.choose_fetches`:
+        known-good peers (weighted by usefulness / (1 + failures)) with a share of slots for random newcomers.
 
-        Manifests over the budget stay unseen, so they can be admitted in a later cycle or round; each is counted
-        once as `flood`. A Sybil flood therefore delays newcomers but cannot starve known-good peers.
+        If one poll finds more new manifests than `max_manifests_per_round`, only that many are considered: peers
+        that delivered valid data before first, then by how often a peer failed us, then least tried first, ties
+        at random; the rest are counted once each as `flood`. A Sybil flood therefore delays newcomers but cannot
+        starve known-good peers. Manifests not admitted stay unseen, so a later cycle or round may admit them.
         """
-        admitted = []
-        manifests = sorted(manifests, key=lambda m: (
-            m.peer_id not in self._good_peers, self._failures[m.peer_id], self._tries[m.peer_id], self.rng.random()))
+        live = []
         for m in manifests:
-            key = manifest_digest(m)
             if self.trust.is_banned(m.peer_id):
-                self._seen_manifests.add(key)
+                self._seen_manifests.add(manifest_digest(m))
                 self.trust.reject("banned_peer", None)
-            elif len(admitted) < budget:
-                self._seen_manifests.add(key)
-                self._tries[m.peer_id] += 1
-                admitted.append(m)
-            elif key not in self._flood_counted:
-                self._flood_counted.add(key)
-                self.trust.reject("flood", None)
+            else:
+                live.append(m)
+        cap = self.net.max_manifests_per_round
+        if len(live) > cap:
+            live.sort(key=lambda m: (m.peer_id not in self._good_peers, self._failures[m.peer_id],
+                                     self._tries[m.peer_id], self.rng.random()))
+            for m in live[cap:]:
+                key = manifest_digest(m)
+                if key not in self._flood_counted:
+                    self._flood_counted.add(key)
+                    self.trust.reject("flood", None)
+            live = live[:cap]
+        weight = self.peer_weight or (lambda peer_id: 1.0)
+        admitted = choose_fetches(live, max(0, budget), self.rng, lambda m: m.peer_id,
+                                  lambda peer_id: peer_id in self._good_peers,
+                                  lambda peer_id: weight(peer_id) / (1 + self._failures[peer_id]),
+                                  self.net.explore_share)
+        for m in admitted:
+            self._seen_manifests.add(manifest_digest(m))
+            self._tries[m.peer_id] += 1
         return admitted
 
     async def _fetch(self, manifest: wire.Manifest) -> wire.RolloutPayload | None:

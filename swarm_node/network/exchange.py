@@ -10,7 +10,8 @@ sha256(peer ID) mod num_shards, subkey = the publisher's owner marker `[owner:<R
 msgpack Manifest of the publisher's *latest* round, signed by RSASignatureValidator. Every node keeps its own
 round counter, and counters of nodes that joined at different times differ by any amount, so keys never
 contain a round: a reader reads each peer's latest manifest and judges freshness on the DHT clock. Sharding
-keeps every DHT value small at 64+ peers.
+keeps every DHT value small (about 32 manifests with the shard-count rule), and a poll reads only the shards it
+is given (network/sampling.py chooses them), so a node's reads do not grow with the swarm.
 
 Every failure of a peer is a normal return value here: `fetch` raises `FetchError(reason)` which the node
 counts; nothing from a peer is trusted before `wire.decode_*` and the node's re-scoring.
@@ -100,7 +101,18 @@ def rollout_key(swarm_name: str, shard: int) -> str:
 
 
 def shard_of(peer_id: str, num_shards: int) -> int:
-    return hashlib.sha256(peer_id.encode()).digest()[0] % num_shards
+    """The shard of a peer's manifest: sha256(peer ID)[0] mod S for S <= 256 (the 1.0 rule), else the first four
+    digest bytes as a little-endian integer mod S. For powers of two the rules agree on the low bits, so going
+    from S to 2S splits every shard in two (protocols/PROTOCOL.md, DHT layout)."""
+    digest = hashlib.sha256(peer_id.encode()).digest()
+    if num_shards <= 256:
+        return digest[0] % num_shards
+    return int.from_bytes(digest[:4], "little") % num_shards
+
+
+def publish_key(config: NetworkConfig, peer_id: str) -> str:
+    """The DHT key a peer publishes its manifest under."""
+    return rollout_key(config.swarm_name, shard_of(peer_id, config.num_shards))
 
 
 class RolloutExchange:
@@ -122,6 +134,7 @@ class RolloutExchange:
         self._keep_rounds = keep_rounds
         self.bytes_out = 0
         self.bytes_in = 0
+        self.records_read = 0  # records read by the last poll
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(STREAM_PROTOCOL, self._serve)
@@ -152,7 +165,7 @@ class RolloutExchange:
             payload_sha256=wire.sha256(data),
             created_at_s=get_dht_time(),
         )
-        key = rollout_key(self.config.swarm_name, shard_of(self.peer_id, self.config.num_shards))
+        key = publish_key(self.config, self.peer_id)
         future = self.dht.store(
             key, wire.encode(manifest), get_dht_time() + self.config.publish_ttl_s,
             subkey=self.validator.local_public_key, return_future=True,
@@ -183,15 +196,18 @@ class RolloutExchange:
             writer.close()
 
     # ------------------------------------------------------------------ collecting
-    async def poll(self) -> tuple[list[wire.Manifest], list[Rejection]]:
-        """Read every shard: the latest manifest of every peer.
+    async def poll(self, shards: list[int] | None = None) -> tuple[list[wire.Manifest], list[Rejection]]:
+        """Read the given shards (default: every shard): the latest manifest of every peer in them.
 
         Returns (valid manifests of other peers, rejected records). A rejection names the signer's peer ID when
         the record carried a well-formed owner marker (the signature itself was checked by hivemind).
+        `records_read` holds the number of records the last poll read (own record included).
         """
-        keys = [rollout_key(self.config.swarm_name, s) for s in range(self.config.num_shards)]
+        shards = range(self.config.num_shards) if shards is None else shards
+        keys = [rollout_key(self.config.swarm_name, s) for s in shards]
         results = await asyncio.gather(*(self._get(k) for k in keys))
         manifests, rejections = [], []
+        self.records_read = sum(len(r or {}) for r in results)
         for result in results:
             for subkey, item in (result or {}).items():
                 try:
