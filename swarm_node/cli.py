@@ -16,7 +16,8 @@ import sys
 import typing
 from typing import Any
 
-from swarm_node.config import leaf_fields, load_config
+from swarm_node.config import flag_name, leaf_fields, load_config
+from swarm_node.config.sources import is_list_setting
 from swarm_node.errors import OperatorError
 
 EXIT_OPERATOR_ERROR = 2
@@ -28,13 +29,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozense
     for name, (section, info) in leaf_fields().items():
         if name in skip:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         help_text = (info.description or "").replace("%", "%%")
         annotation = info.annotation
         origin = typing.get_origin(annotation)
         if annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif origin is list:
+        elif is_list_setting(annotation):
             parser.add_argument(flag, dest=name, nargs="*", default=None, metavar="VALUE", help=help_text)
         elif origin is typing.Literal:
             parser.add_argument(flag, dest=name, choices=typing.get_args(annotation), default=None, help=help_text)
