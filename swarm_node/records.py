@@ -58,7 +58,7 @@ class RoundRecord(BaseModel):
     grad_norm: float | None
     clip_fraction: float | None
     kl: float | None
-    offpolicy: dict[str, float] = {}  # TIS / filter counts of the step (docs/algorithm.md)
+    offpolicy: dict[str, int | float] = {}  # TIS / filter counts of the step (docs/algorithm.md)
     peer_usefulness: dict[str, float] = {}
     train_sequences: int
     train_tokens: int
@@ -91,7 +91,7 @@ class RoundRecord(BaseModel):
     merge_rejected: dict[str, int] = {}
     merge_bytes_out: int | None = None  # cumulative
     merge_bytes_in: int | None = None
-    merge_checksum: list[float] | None = None
+    merge_checksum: list[float] | None = None  # [sum, L2 norm] of the weights after a merge
     merge_grad_epoch: int | None = None
 
     def phase_s(self, phase: str) -> float:
@@ -128,6 +128,8 @@ class EvalRecord(BaseModel):
 
     round: int
     heldout_accuracy: float
+    peer_id: str | None = None
+    policy_version: int | None = None
     num_questions: int | None = None
     ood_accuracy: float | None = None
     ood_num_questions: int | None = None

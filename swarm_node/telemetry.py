@@ -12,8 +12,8 @@ Endpoints (bound to 127.0.0.1 by default):
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -149,6 +149,16 @@ class Telemetry:
             logging.getLogger("swarm_node").debug("peer snapshot failed: %r", e)
             return
         self.peers_info = (rows, known, time.time())
+
+    async def probe_loop(self, collector) -> None:
+        """Run on the node's event loop until cancelled: every second, sample the loop's lag and rebuild the peer
+        table (a first one at once, before round 1)."""
+        self.refresh_peers(collector)
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(1.0)
+            self.loop_lag_s.set(max(0.0, time.perf_counter() - t0 - 1.0))
+            self.refresh_peers(collector)  # the dashboard's peer table, built on this loop
 
     def mark(self, state: str) -> None:
         """Set the lifecycle state (starting, running, lingering, stopping); counts as progress."""
