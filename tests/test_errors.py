@@ -77,8 +77,8 @@ def mistakes(tmp_path_factory):
         procs["identity_in_use"] = start("identity_in_use", TINY, out_name="running")
         for name, proc in list(procs.items()):
             # hivemind's DHT start once hung here under load (the 1 ms start-up timeout case); the node now gives up
-            # on a start after --startup-timeout-s + 60 s (swarm_node/node/join.py), so every case ends well within
-            stdout, stderr = proc.communicate(timeout=240)
+            # on a start after --startup-timeout-s + 60 s (swarm_node/node/join.py), so every case ends within this
+            stdout, stderr = proc.communicate(timeout=240)  # (two attempts of at most 60 s each)
             results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     finally:
         running.terminate()
