@@ -13,12 +13,12 @@ import pytest
 
 from swarm_node.config import load_config
 from swarm_node.evaluation import SMOL_OOD_TASKS, EvaluationError, ood_messages, ood_specs
-from swarm_node.experiment import ExperimentError, PRESETS, git_provenance, paper_arms, plan, resolve_settings
-from swarm_node.experiment_presets import Arm, sharing_arms
+from swarm_node.experiment.run import ExperimentError, PRESETS, git_provenance, paper_arms, plan, resolve_settings
+from swarm_node.experiment.presets import Arm, sharing_arms
 from swarm_node.learning.tasks import SMOL_TASKS, TaskError, TaskSet, recreate
 from swarm_node.records import EvalRecord, RoundRecord
-from swarm_node.results import collect, markdown
-from swarm_node.results_stats import accuracy_at, compute_curve, paired_bootstrap_ratio
+from swarm_node.experiment.results import collect, markdown
+from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
 
 from rounds import round_line
 

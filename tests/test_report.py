@@ -1,4 +1,4 @@
-"""`swarm_node.report`: plots and summary from synthetic metrics.jsonl files in both output layouts."""
+"""`swarm_node.tools.report`: plots and summary from synthetic metrics.jsonl files in both output layouts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from swarm_node.errors import OperatorError
-from swarm_node.report import ReportError, load_runs, write_report
+from swarm_node.tools.report import ReportError, load_runs, write_report
 
 from rounds import round_line
 

@@ -1,5 +1,5 @@
 """Figures of an experiment, from its logs: per-agent reward, agent-averaged reward, cumulative reward, held-out
-accuracy by round, and held-out accuracy against the node's own compute (tokens and seconds; results_stats.py)."""
+accuracy by round, and held-out accuracy against the node's own compute (tokens and seconds; stats.py)."""
 
 from __future__ import annotations
 

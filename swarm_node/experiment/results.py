@@ -12,7 +12,7 @@ Metrics (per agent per round, from `metrics.jsonl`):
 Held-out accuracy (from `eval.jsonl`): greedy accuracy on a fixed question set no agent trains on, averaged
 over agents; the out-of-distribution set's (`ood_accuracy`) where logged (swarm_node/evaluation.py).
 Ratios to the baseline (4/0) are paired by seed, with percentile-bootstrap 95% intervals, and held-out accuracy
-is also compared at equal node compute (tokens, seconds): swarm_node/results_stats.py.
+is also compared at equal node compute (tokens, seconds): swarm_node/experiment/stats.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_node.records import load_run
-from swarm_node.results_stats import accuracy_at, compute_curve, paired_bootstrap_ratio
+from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
 
 RATIO_KEYS = {  # per-run value -> its column title in the ratio table
     "cumulative_reward_local": "cumulative reward, own completions",
@@ -220,7 +220,7 @@ def write_results(root: Path) -> Path:
         for run in arm["runs"].values():
             run["heldout_by_round"] = {int(k): v for k, v in run["heldout_by_round"].items()}
     md = root / "results.md"
-    from swarm_node.results_plots import plot
+    from swarm_node.experiment.plots import plot
 
     figures = plot(root, results) if results["arms"] else []
     md.write_text(f"# Experiment {root.name}\n\n" + markdown(results) + "".join(
