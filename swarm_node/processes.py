@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import psutil
+
+from swarm_node.records import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,7 @@ def record_children(path: Path, procs: list[psutil.Process]) -> None:
             entries.append({"pid": proc.pid, "create_time": proc.create_time(), "name": proc.name()})
         except psutil.NoSuchProcess:
             pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(entries))
 
 
 def reap_recorded(path: Path) -> int:
