@@ -119,7 +119,8 @@ class Telemetry:
 
     def observe_eval(self, line: EvalRecord) -> None:
         """Record one eval.jsonl line (held-out accuracy; swarm_node/node/evaluate.py) for /api/eval."""
-        self.evals.append(line.model_dump(include=set(EvalRecord.model_fields)))
+        self.evals.append(line.model_dump(include={"round", "heldout_accuracy", "num_questions", "ood_accuracy",
+                                                   "ood_num_questions", "eval_s", "time_s"}))
 
     def load_history(self, out_dir: Path) -> None:
         """Fill the dashboard's series from the last MAX_ROUNDS lines of metrics.jsonl and eval.jsonl (a resumed
