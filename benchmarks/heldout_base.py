@@ -26,7 +26,7 @@ from rich.table import Table
 
 from swarm_node.config import load_config
 from swarm_node.evaluation import OOD_SEED, evaluate, greedy_accuracy, ood_messages
-from swarm_node.experiment_presets import PRESETS
+from swarm_node.experiment.presets import PRESETS
 from swarm_node.learning.models import load_policy
 from swarm_node.learning.tasks import TaskSet, TaskSpec
 from swarm_node.learning.trainer import Trainer

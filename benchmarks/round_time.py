@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from swarm_node.launcher import LocalSwarm
+from swarm_node.tools.launcher import LocalSwarm
 
 KEYS = ("round_s", "cpu_s", "generate_s", "train_s", "collect_s", "tokens_generated", "train_tokens",
         "external_groups_used")

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from swarm_node.records import write_atomic
+
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^round-(\d{8})\.pt$")
 
@@ -60,9 +62,7 @@ class CheckpointStore:
             os.fsync(f.fileno())
         sha = _sha256(tmp)
         os.replace(tmp, path)
-        sidecar = path.with_suffix(".pt.sha256")
-        sidecar.with_suffix(".tmp").write_text(sha)
-        os.replace(sidecar.with_suffix(".tmp"), sidecar)
+        write_atomic(path.with_suffix(".pt.sha256"), sha)
         for _, old in self.list()[self.keep:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".pt.sha256").unlink(missing_ok=True)

@@ -16,7 +16,8 @@ import sys
 import typing
 from typing import Any
 
-from swarm_node.config import leaf_fields, load_config
+from swarm_node.config import flag_name, leaf_fields, load_config
+from swarm_node.config.sources import is_list_setting
 from swarm_node.errors import OperatorError
 
 EXIT_OPERATOR_ERROR = 2
@@ -28,13 +29,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: set[str] = frozense
     for name, (section, info) in leaf_fields().items():
         if name in skip:
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         help_text = (info.description or "").replace("%", "%%")
         annotation = info.annotation
         origin = typing.get_origin(annotation)
         if annotation is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif origin is list:
+        elif is_list_setting(annotation):
             parser.add_argument(flag, dest=name, nargs="*", default=None, metavar="VALUE", help=help_text)
         elif origin is typing.Literal:
             parser.add_argument(flag, dest=name, choices=typing.get_args(annotation), default=None, help=help_text)
@@ -167,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "status":
-            from swarm_node.status import render
+            from swarm_node.tools.status import render
 
             render(args.target)
             return 0
         if args.command == "report":
             from pathlib import Path
 
-            from swarm_node.report import write_report
+            from swarm_node.tools.report import write_report
 
             print(f"wrote {write_report(Path(args.output_dir), args.report_dir and Path(args.report_dir))}")
             return 0
@@ -183,21 +184,21 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging("INFO")
             if args.experiment_command == "report":
-                from swarm_node.results import write_results
+                from swarm_node.experiment.results import write_results
 
                 root = Path(args.experiment_dir)
                 if not (root / "experiment.json").exists():
                     raise OperatorError(f"{root} is not an experiment directory (no experiment.json)")
                 print(f"wrote {write_results(root)}")
                 return 0
-            from swarm_node.experiment import run_experiment
+            from swarm_node.experiment.run import run_experiment
 
             extra = {k: v for k, v in (("model", args.model), ("precision", args.precision),
                                                   ("optimizer", args.optimizer)) if v} or None
             return run_experiment(args.preset, Path(args.root) / (args.name or args.preset), args.arms, args.seeds,
                                   args.rounds, extra)
         if args.command == "doctor":
-            from swarm_node.doctor import doctor
+            from swarm_node.tools.doctor import doctor
 
             config = load_config(args.config, _overrides(args))
             setup_logging("WARNING")
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return uvloop.run(run_node(config))
         if args.command == "swarm":
-            from swarm_node.launcher import run_local_swarm
+            from swarm_node.tools.launcher import run_local_swarm
 
             overrides = _overrides(args, SWARM_ONLY)
             config = load_config(args.config, overrides)  # validate once, before any process starts

@@ -8,13 +8,13 @@ node kills the survivors of its previous run, checked by PID *and* start time so
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 from pathlib import Path
 
 import psutil
+
+from swarm_node.records import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,7 @@ def record_children(path: Path, procs: list[psutil.Process]) -> None:
             entries.append({"pid": proc.pid, "create_time": proc.create_time(), "name": proc.name()})
         except psutil.NoSuchProcess:
             pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entries))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(entries))
 
 
 def reap_recorded(path: Path) -> int:
@@ -70,53 +68,3 @@ def kill_and_wait(procs: list[psutil.Process], grace_s: float = 3.0, timeout_s: 
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=timeout_s)
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
-
-
-@functools.cache
-def _libc():
-    """The C library (loaded once), or None where it cannot be loaded."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def tune_memory(mmap_threshold_bytes: int, onednn_cache_capacity: int) -> dict[str, bool]:
-    """Bound a node's memory growth over rounds. Call before the first tensor operation.
-
-    - glibc `mallopt(M_MMAP_THRESHOLD, mmap_threshold_bytes)`: allocations at least that large (tensors) get
-      their own mapping and return to the OS when freed. glibc's default threshold adapts upwards to 32 MiB, so
-      the hundreds of MB of activations a step frees stay in its heaps and the next phase's peak adds to them.
-      0 leaves glibc's default.
-    - `ONEDNN_PRIMITIVE_CACHE_CAPACITY`: oneDNN (the CPU bf16/AMX matmul path) keeps a kernel per input shape, 1024
-      by default. Every (prompt, completion) length pair is a new shape, so the cache grew by 20-50 MB per round
-      here. 0 leaves oneDNN's default; an operator's own environment variable wins.
-
-    Measured in docs/benchmarks.md. Returns which of the two took effect (glibc only; no-op elsewhere).
-    """
-    done = {"mmap_threshold": False, "onednn_cache": False}
-    if onednn_cache_capacity > 0 and "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ:
-        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(onednn_cache_capacity)  # read at the first primitive
-        done["onednn_cache"] = True
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mmap_threshold_bytes > 0 and mallopt is not None:
-        done["mmap_threshold"] = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold_bytes))
-    return done
-
-
-def release_free_memory() -> None:
-    """Return freed heap memory to the OS (glibc `malloc_trim`); a no-op on other C libraries.
-
-    Generation and training allocate and free hundreds of MB of tensors per phase. glibc keeps much of it in its
-    heaps, so a SmolLM2 node's RSS crept from 3.6 to 5.7 GB over 12 rounds in the first experiment run (and
-    one of four agents was OOM-killed). Trimming after each phase keeps the resident size at what is live.
-    """
-    malloc_trim = getattr(_libc(), "malloc_trim", None)
-    if malloc_trim is not None:
-        malloc_trim(0)

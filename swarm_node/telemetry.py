@@ -12,9 +12,8 @@ Endpoints (bound to 127.0.0.1 by default):
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -25,9 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from swarm_node.dashboard.api import MAX_EVALS, MAX_ROUNDS, DashboardApi, peers_snapshot, round_row
 from swarm_node.dashboard.http import HttpServer
+from swarm_node.records import PHASES, EvalRecord, RoundRecord, RoundSummary, iter_tail
 
 NAMESPACE = "swarm_node"
-PHASES = ("generate", "publish", "collect", "train", "round")
 
 
 class LastProblem(logging.Handler):
@@ -83,46 +82,45 @@ class Telemetry:
         self.peers_info: tuple[list[dict[str, Any]], int, float] = ([], 0, 0.0)  # rows, peers known, unix time
         self._process = psutil.Process()
 
-    def observe_round(self, m: dict[str, Any], received_groups: int) -> None:
-        """Record one metrics.jsonl line (see Node.run_round) and the cumulative verified-group count."""
+    def observe_round(self, m: RoundRecord, received_groups: int) -> None:
+        """Record one metrics.jsonl line and the cumulative verified-group count. The record's counters are
+        cumulative; the Prometheus counters advance by the difference to the previous round."""
         self.rounds.inc()
-        self.reward_local.set(m["reward_local_mean"])
-        self.reward_train.set(m["reward_train_mean"])
-        if m["loss"] is not None:
-            self.loss.set(m["loss"])
-        self.tokens_per_s.set(m["tokens_generated"] / max(m["generate_s"], 1e-9))
-        self.peers.set(m["peers_seen"])
-        self.groups.labels("published").inc(m["local_groups"] if m["published"] else 0)
-        self.groups.labels("used").inc(m["external_groups_used"])
+        self.reward_local.set(m.reward_local_mean)
+        self.reward_train.set(m.reward_train_mean)
+        if m.loss is not None:
+            self.loss.set(m.loss)
+        self.tokens_per_s.set(m.tokens_generated / max(m.generate_s, 1e-9))
+        self.peers.set(m.peers_seen)
+        self.groups.labels("published").inc(m.local_groups if m.published else 0)
+        self.groups.labels("used").inc(m.external_groups_used)
         self.groups.labels("received").inc(max(0, received_groups - self.info.get("received_groups", 0)))
         self.info["received_groups"] = received_groups
-        for reason, total in m["rejected"].items():
+        for reason, total in m.rejected.items():
             self.rejected.labels(reason).inc(total - self._seen_rejects.get(reason, 0))
             self._seen_rejects[reason] = total
-        for direction, key in (("in", "bytes_in"), ("out", "bytes_out")):
-            self.bytes.labels(direction).inc(m[key] - self._last_bytes[direction])
-            self._last_bytes[direction] = m[key]
-        for phase in PHASES:
-            self.phase_s.labels(phase).set(m[f"{phase}_s"])
-        if m.get("merge_outcome"):
-            self.merges.labels(m["merge_outcome"]).inc()
-            self.merge_s.set(m["merge_s"])
-        for direction in ("in", "out"):
-            total = m.get(f"merge_bytes_{direction}")
+        for direction, total in (("in", m.bytes_in), ("out", m.bytes_out)):
+            self.bytes.labels(direction).inc(total - self._last_bytes[direction])
+            self._last_bytes[direction] = total
+        for phase in (*PHASES, "round"):
+            self.phase_s.labels(phase).set(m.phase_s(phase))
+        if m.merge_outcome:
+            self.merges.labels(m.merge_outcome).inc()
+            self.merge_s.set(m.merge_s)
+        for direction, total in (("in", m.merge_bytes_in), ("out", m.merge_bytes_out)):
             if total is not None:
                 self.merge_bytes.labels(direction).inc(max(0, total - self._last_merge_bytes[direction]))
                 self._last_merge_bytes[direction] = total
         row = round_row(m, self.rows[-1]["rejected_total"] if self.rows else {})
         row["rss_mb"] = round(self._process.memory_info().rss / 2**20, 1)
         self.rows.append(row)
-        self.recent.append({k: m[k] for k in ("round", "reward_local_mean", "reward_train_mean", "external_groups_used",
-                                              "peers_seen", "loss", "round_s")})
+        self.recent.append(RoundSummary.of(m).model_dump())
         self.last_progress_s = time.time()
 
-    def observe_eval(self, line: dict[str, Any]) -> None:
-        """Record one eval.jsonl line (held-out accuracy; see Node._evaluate) for /api/eval."""
-        self.evals.append({k: line.get(k) for k in ("round", "heldout_accuracy", "num_questions", "ood_accuracy",
-                                                    "ood_num_questions", "eval_s", "time_s")})
+    def observe_eval(self, line: EvalRecord) -> None:
+        """Record one eval.jsonl line (held-out accuracy; swarm_node/node/evaluate.py) for /api/eval."""
+        self.evals.append(line.model_dump(include={"round", "heldout_accuracy", "num_questions", "ood_accuracy",
+                                                   "ood_num_questions", "eval_s", "time_s"}))
 
     def load_history(self, out_dir: Path) -> None:
         """Fill the dashboard's series from the last MAX_ROUNDS lines of metrics.jsonl and eval.jsonl (a resumed
@@ -131,16 +129,14 @@ class Telemetry:
             path = out_dir / name
             if not path.exists():
                 continue
-            with open(path) as f:
-                lines = deque(f, maxlen=keep)
-            for text in lines:
-                try:
-                    line = json.loads(text)
+            for text in iter_tail(path, keep):
+                try:  # a pydantic ValidationError is a ValueError
                     if name == "eval.jsonl":
-                        self.observe_eval(line)
+                        self.observe_eval(EvalRecord.model_validate_json(text))
                     else:
+                        line = RoundRecord.model_validate_json(text)
                         self.rows.append(round_row(line, self.rows[-1]["rejected_total"] if self.rows else {}))
-                except (ValueError, KeyError, TypeError, AttributeError):
+                except ValueError:
                     break
 
     def refresh_peers(self, collector) -> None:
@@ -154,6 +150,16 @@ class Telemetry:
             logging.getLogger("swarm_node").debug("peer snapshot failed: %r", e)
             return
         self.peers_info = (rows, known, time.time())
+
+    async def probe_loop(self, collector) -> None:
+        """Run on the node's event loop until cancelled: every second, sample the loop's lag and rebuild the peer
+        table (a first one at once, before round 1)."""
+        self.refresh_peers(collector)
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(1.0)
+            self.loop_lag_s.set(max(0.0, time.perf_counter() - t0 - 1.0))
+            self.refresh_peers(collector)  # the dashboard's peer table, built on this loop
 
     def mark(self, state: str) -> None:
         """Set the lifecycle state (starting, running, lingering, stopping); counts as progress."""

@@ -73,3 +73,14 @@ def test_swarm_name_outside_the_protocol_grammar_is_an_operator_error(name):
     """PROTOCOL.md: swarm_name is 1-64 of [A-Za-z0-9_-]; the code never rewrites it (it kept non-ASCII letters)."""
     with pytest.raises(ConfigError, match="swarm_name"):
         load_config(None, {"swarm_name": name}, environ={})
+
+
+def test_configuration_doc_is_the_generated_reference():
+    """docs/configuration.md's table is `swarm-node config-doc`'s output: a setting added or changed in
+    swarm_node/config/ without regenerating the doc fails here."""
+    from pathlib import Path
+
+    from swarm_node.config import config_reference
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    assert config_reference() in doc, "regenerate the table: swarm-node config-doc"

@@ -19,20 +19,17 @@ from swarm_node.dashboard.http import HttpServer
 STATIC_JS = "/static/vendor/uplot/uPlot.iife.min.js"
 from swarm_node.learning.tasks import TaskSet
 from swarm_node.network.collector import Collector
+from swarm_node.records import EvalRecord, RoundRecord
 from swarm_node.telemetry import Telemetry
 
 from hostile import honest_payload
+from rounds import round_line
 
 
 def metrics_line(r: int, rejected: dict | None = None, merge: str | None = None) -> dict:
-    """A metrics.jsonl line with the fields Node.run_round writes."""
-    line = {"round": r, "peer_id": "QmSelf", "model": "tiny", "policy_version": r, "reward_local_mean": r / 10,
-            "reward_train_mean": r / 20, "format_rate_local": 1.0, "local_groups": 2, "local_groups_generated": 2,
-            "external_groups_available": 3, "external_groups_used": 2, "external_peers_used": 1,
-            "external_peer_ids": ["QmOther"], "peers_seen": 1, "published": True, "rejected": rejected or {},
-            "banned_peers": 0, "loss": 0.5, "kl": 0.0, "tokens_generated": 40, "bytes_in": 100 * r,
-            "bytes_out": 90 * r, "generate_s": 0.4, "publish_s": 0.01, "collect_s": 0.0, "train_s": 0.3,
-            "round_s": 0.8, "peak_rss_mb": 900.0, "time_s": time.time(), "rounds_failed": 0}
+    """A metrics.jsonl line with the fields the node writes (a RoundRecord)."""
+    line = round_line(r, reward_local_mean=r / 10, reward_train_mean=r / 20, rejected=rejected or {},
+                      bytes_in=100 * r, bytes_out=90 * r)
     if merge:
         line.update(merge_outcome=merge, merge_s=0.2, merge_group_size=2)
     return line
@@ -65,9 +62,9 @@ def test_rounds_endpoint_series_rejections_per_round_and_bounds(served):
     telemetry, url = served
     telemetry.info.update(peer_id="QmSelf", model="tiny", round=0)
     assert get_json(url + "/api/rounds")["rounds"] == []
-    telemetry.observe_round(metrics_line(1), 0)
-    telemetry.observe_round(metrics_line(2, {"reward_mismatch": 2}, merge="merged"), 3)
-    telemetry.observe_round(metrics_line(3, {"reward_mismatch": 3, "stale": 1}, merge="failed"), 5)
+    telemetry.observe_round(RoundRecord(**metrics_line(1)), 0)
+    telemetry.observe_round(RoundRecord(**metrics_line(2, {"reward_mismatch": 2}, merge="merged")), 3)
+    telemetry.observe_round(RoundRecord(**metrics_line(3, {"reward_mismatch": 3, "stale": 1}, merge="failed")), 5)
     data = get_json(url + "/api/rounds")
     assert data["peer_id"] == "QmSelf" and [r["round"] for r in data["rounds"]] == [1, 2, 3]
     r1, r2, r3 = data["rounds"]
@@ -83,7 +80,7 @@ def test_rounds_endpoint_series_rejections_per_round_and_bounds(served):
     status, _, body = get(url + "/api/rounds?last=many")
     assert status == 400 and b"last" in body
     for r in range(4, MAX_ROUNDS + 50):  # memory and answers stay bounded however long the node runs
-        telemetry.observe_round(metrics_line(r), 5)
+        telemetry.observe_round(RoundRecord(**metrics_line(r)), 5)
     rows = get_json(url + f"/api/rounds?last={10 * MAX_ROUNDS}")["rounds"]
     assert len(rows) == MAX_ROUNDS and rows[-1]["round"] == MAX_ROUNDS + 49
 
@@ -92,8 +89,8 @@ def test_eval_endpoint_and_history_of_a_resumed_node(served, tmp_path):
     telemetry, url = served
     assert get_json(url + "/api/eval")["evals"] == []
     for r, acc in ((0, 0.1), (2, 0.25)):
-        telemetry.observe_eval({"round": r, "heldout_accuracy": acc, "num_questions": 8, "heldout_by_task": {},
-                                "eval_s": 1.5, "time_s": time.time()})
+        telemetry.observe_eval(EvalRecord(round=r, heldout_accuracy=acc, num_questions=8, heldout_by_task={},
+                                          eval_s=1.5, time_s=time.time()))
     evals = get_json(url + "/api/eval")["evals"]
     assert [(e["round"], e["heldout_accuracy"], e["num_questions"]) for e in evals] == [(0, 0.1, 8), (2, 0.25, 8)]
     assert [e["round"] for e in get_json(url + "/api/eval?since=0")["evals"]] == [2]

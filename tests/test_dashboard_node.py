@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from nodes import Proc
-from swarm_node.status import render
+from swarm_node.tools.status import render
 
 pytestmark = pytest.mark.slow
 

@@ -76,18 +76,9 @@ def mistakes(tmp_path_factory):
             time.sleep(0.2)
         procs["identity_in_use"] = start("identity_in_use", TINY, out_name="running")
         for name, proc in list(procs.items()):
-            try:
-                stdout, stderr = proc.communicate(timeout=240)
-            except subprocess.TimeoutExpired:
-                # Known open defect: once in a clean-clone CI run (12 node starts at once on 2 cores) the
-                # 1 ms start-up timeout case hung in hivemind's DHT start instead of failing; it did not reproduce
-                # in isolation (4 of 4 exited in 5 s). Kill that start and try the case once more, so one hang
-                # costs one retry, not every test of this module.
-                os.killpg(proc.pid, 9)
-                proc.communicate()
-                procs[name] = proc = (start(name, TINY, out_name="running") if name == "identity_in_use"
-                                      else start(name, cases[name]))
-                stdout, stderr = proc.communicate(timeout=240)
+            # hivemind's DHT start once hung here under load (the 1 ms start-up timeout case); the node now gives up
+            # on a start after --startup-timeout-s + 60 s (swarm_node/node/join.py), so every case ends within this
+            stdout, stderr = proc.communicate(timeout=240)  # (two attempts of at most 60 s each)
             results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     finally:
         running.terminate()

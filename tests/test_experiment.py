@@ -13,11 +13,14 @@ import pytest
 
 from swarm_node.config import load_config
 from swarm_node.evaluation import SMOL_OOD_TASKS, EvaluationError, ood_messages, ood_specs
-from swarm_node.experiment import ExperimentError, PRESETS, git_provenance, paper_arms, plan, resolve_settings
-from swarm_node.experiment_presets import Arm, sharing_arms
+from swarm_node.experiment.run import ExperimentError, PRESETS, git_provenance, paper_arms, plan, resolve_settings
+from swarm_node.experiment.presets import Arm, sharing_arms
 from swarm_node.learning.tasks import SMOL_TASKS, TaskError, TaskSet, recreate
-from swarm_node.results import collect, markdown
-from swarm_node.results_stats import accuracy_at, compute_curve, paired_bootstrap_ratio
+from swarm_node.records import EvalRecord, RoundRecord
+from swarm_node.experiment.results import collect, markdown
+from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
+
+from rounds import round_line
 
 
 def test_paper_arms_scale_proportionally():
@@ -98,8 +101,9 @@ def test_paired_bootstrap_ratio_interval():
 
 
 def test_accuracy_against_node_compute():
-    agents = [{"metrics": [{"round": r, "tokens_generated": 10, "train_tokens": 30, "round_s": 2.0} for r in (1, 2)],
-               "eval": [{"round": 0, "heldout_accuracy": 0.2}, {"round": 2, "heldout_accuracy": a}]}
+    agents = [{"metrics": [RoundRecord(**round_line(r, tokens_generated=10, train_tokens=30, round_s=2.0))
+                           for r in (1, 2)],
+               "eval": [EvalRecord(round=0, heldout_accuracy=0.2), EvalRecord(round=2, heldout_accuracy=a)]}
               for a in (0.4, 0.6)]
     curve = compute_curve(agents, 2)
     assert curve == [{"round": 0, "accuracy": pytest.approx(0.2), "tokens": 0.0, "seconds": 0.0},
@@ -120,9 +124,9 @@ def _write_run(root: Path, arm: str, label: str, seed: int, rewards: list[list[f
     for i, agent in enumerate(rewards):
         node = d / f"node{i}"
         node.mkdir(parents=True)
-        node.joinpath("metrics.jsonl").write_text("".join(json.dumps(
-            {"round": r + 1, "reward_local_mean": x, "reward_train_mean": 2 * x, "external_groups_used": 1,
-             "round_s": 10.0}) + "\n" for r, x in enumerate(agent)))
+        node.joinpath("metrics.jsonl").write_text("".join(json.dumps(round_line(
+            r + 1, reward_local_mean=x, reward_train_mean=2 * x, external_groups_used=1, round_s=10.0,
+            tokens_generated=0, train_tokens=0)) + "\n" for r, x in enumerate(agent)))
         node.joinpath("eval.jsonl").write_text("".join(json.dumps({"round": 2 * k, "heldout_accuracy": h}) + "\n"
                                                        for k, h in enumerate(heldout)))
     d.joinpath("done.json").write_text(json.dumps({"arm": arm, "label": label, "seed": seed, "wall_s": 1.0}))

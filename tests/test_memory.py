@@ -7,7 +7,7 @@ import sys
 
 PROBE = """
 import json, os, sys
-from swarm_node.processes import tune_memory
+from swarm_node.node.memory import tune_memory
 done = tune_memory(int(sys.argv[1]), int(sys.argv[2]))
 print(json.dumps({"done": done, "env": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}))
 """

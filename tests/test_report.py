@@ -1,4 +1,4 @@
-"""`swarm_node.report`: plots and summary from synthetic metrics.jsonl files in both output layouts."""
+"""`swarm_node.tools.report`: plots and summary from synthetic metrics.jsonl files in both output layouts."""
 
 from __future__ import annotations
 
@@ -7,19 +7,21 @@ import json
 import pytest
 
 from swarm_node.errors import OperatorError
-from swarm_node.report import ReportError, load_runs, write_report
+from swarm_node.tools.report import ReportError, load_runs, write_report
+
+from rounds import round_line
 
 PLOTS = ("reward.png", "phases.png", "peers.png")
 
 
 def _record(round_: int, reward: float, rejected: dict[str, int] | None = None) -> dict:
-    return {
-        "round": round_, "peer_id": f"QmPeer{round_}", "reward_local_mean": reward, "reward_train_mean": reward,
-        "format_rate_local": 0.9, "external_groups_available": 4, "external_groups_used": round_ % 3,
-        "peers_seen": 1, "loss": None if round_ == 1 else 0.05, "tokens_generated": 300,
-        "generate_s": 2.0, "publish_s": 0.1, "collect_s": 0.5, "train_s": 3.0, "round_s": 5.6 + round_,
-        "peak_rss_mb": 1000.0 + 10 * round_, "rejected": rejected or {},
-    }
+    return round_line(
+        round_, peer_id=f"QmPeer{round_}", reward_local_mean=reward, reward_train_mean=reward,
+        format_rate_local=0.9, external_groups_available=4, external_groups_used=round_ % 3,
+        peers_seen=1, loss=None if round_ == 1 else 0.05, tokens_generated=300,
+        generate_s=2.0, publish_s=0.1, collect_s=0.5, train_s=3.0, round_s=5.6 + round_,
+        peak_rss_mb=1000.0 + 10 * round_, rejected=rejected or {},
+    )
 
 
 def _write_metrics(node_dir, records, tail: str = "") -> None:
@@ -44,7 +46,7 @@ def test_swarm_layout_writes_plots_and_summary(tmp_path):
 
     runs = load_runs(tmp_path)
     assert list(runs) == ["node0", "node1"]
-    assert [r["round"] for r in runs["node1"]] == [1, 2, 3, 4, 5, 6]  # the partial round 7 is skipped
+    assert [r.round for r in runs["node1"]] == [1, 2, 3, 4, 5, 6]  # the partial round 7 is skipped
 
     report_dir = write_report(tmp_path)
     assert report_dir == tmp_path / "report"

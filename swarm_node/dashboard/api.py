@@ -19,13 +19,11 @@ import json
 import time
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from swarm_node.dashboard.http import Response
-
-if TYPE_CHECKING:
-    from swarm_node.telemetry import Telemetry
+from swarm_node.records import RoundRecord
 
 MAX_ROUNDS = 1000  # rounds kept in memory and the most one answer holds
 DEFAULT_ROUNDS = 300
@@ -35,7 +33,7 @@ MAX_SWARM_NODES = 32
 SWARM_RESCAN_S = 5.0
 CORS = [("Access-Control-Allow-Origin", "*"), ("Cache-Control", "no-store")]
 
-# the metrics.jsonl fields a round row keeps (see Node.run_round); plus the derived ones in `round_row`
+# the RoundRecord fields a round row keeps (swarm_node/records.py); plus the derived ones in `round_row`
 ROUND_FIELDS = ("round", "time_s", "policy_version", "reward_local_mean", "reward_train_mean", "format_rate_local",
                 "external_groups_available", "external_groups_used", "external_peers_used", "external_peer_ids",
                 "peers_seen", "banned_peers", "loss", "kl", "generate_s", "publish_s", "collect_s", "train_s",
@@ -62,11 +60,11 @@ def page_weight_bytes() -> int:
     return sum(len(body) for url, (body, _) in load_static().items() if not url.endswith("LICENSE"))
 
 
-def round_row(m: dict[str, Any], previous_rejected: dict[str, int]) -> dict[str, Any]:
+def round_row(m: RoundRecord, previous_rejected: dict[str, int]) -> dict[str, Any]:
     """The dashboard's row for one metrics.jsonl line: the fields in ROUND_FIELDS, this round's new rejections by
     reason (`rejected_new`, from the cumulative `rejected` counts) and the current resident memory `rss_mb`."""
-    row = {k: m.get(k) for k in ROUND_FIELDS}
-    total = m.get("rejected") or {}
+    row = {k: getattr(m, k) for k in ROUND_FIELDS}
+    total = m.rejected
     row["rejected_new"] = {r: n - previous_rejected.get(r, 0) for r, n in total.items()
                            if n - previous_rejected.get(r, 0) > 0}
     row["rejected_total"] = dict(total)
@@ -127,10 +125,24 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(status, "application/json", json.dumps(data, separators=(",", ":")).encode(), CORS)
 
 
+class Snapshots(Protocol):
+    """What the API reads: the node's `Telemetry` (swarm_node/telemetry.py), which owns the snapshots."""
+
+    registry: Any
+    info: dict[str, Any]
+    rows: Any  # deque of round rows (`round_row`)
+    evals: Any  # deque of eval rows
+    peers_info: tuple[list[dict[str, Any]], int, float]
+
+    def health(self) -> tuple[bool, dict[str, Any]]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class DashboardApi:
     """Routes a request target to an answer, reading the node's `Telemetry` snapshots."""
 
-    def __init__(self, telemetry: Telemetry):
+    def __init__(self, telemetry: Snapshots):
         self.t = telemetry
         self.static = load_static()
         self._swarm: tuple[float, list[dict[str, Any]]] = (0.0, [])

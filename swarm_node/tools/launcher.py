@@ -25,8 +25,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from swarm_node.config import load_config
+from swarm_node.config import flag_argv, load_config
 from swarm_node.errors import OperatorError
+from swarm_node.records import RoundRecord, read_evals, read_rounds
 
 STOP_DEADLINE_S = 30.0
 START_DEADLINE_S = 600.0
@@ -39,19 +40,6 @@ class LauncherError(OperatorError):
 
 class Terminated(Exception):
     """The launcher received SIGTERM: its nodes are stopped the same way as after Ctrl-C."""
-
-
-def _flags(overrides: dict[str, Any]) -> list[str]:
-    argv: list[str] = []
-    for name, value in overrides.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
 
 
 class LocalSwarm:
@@ -102,7 +90,7 @@ class LocalSwarm:
             argv += ["--config", self.config_file]
         if bootstrap_file is not None:
             argv += ["--initial-peers-file", str(bootstrap_file)]
-        argv += _flags({**self.overrides, **(self.node_overrides[i] if self.node_overrides else {})})
+        argv += flag_argv({**self.overrides, **(self.node_overrides[i] if self.node_overrides else {})})
         log = open(d / "node.log", "a" if self.resume else "w")
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -139,18 +127,14 @@ class LocalSwarm:
             console.print(f"[bold]dashboard[/] of the whole swarm: {info['metrics_url']}/")
         console.print(f"watch it live: swarm-node status {self.out}   (metrics: {info.get('metrics_url')}/metrics)")
 
-    def _read_metrics(self, i: int) -> list[dict[str, Any]]:
-        from swarm_node.results import read_jsonl
-
-        return read_jsonl(self.node_dir(i) / "metrics.jsonl")
+    def _read_metrics(self, i: int) -> list[RoundRecord]:
+        return read_rounds(self.node_dir(i) / "metrics.jsonl")
 
     def _evaluated(self, i: int) -> bool:
         """Whether node i wrote its held-out evaluation of the last round (always true with evaluation off)."""
         if not self.config.tasks.eval_every_rounds:
             return True
-        from swarm_node.results import read_jsonl
-
-        return any(row.get("round") == self.rounds for row in read_jsonl(self.node_dir(i) / "eval.jsonl"))
+        return any(row.round == self.rounds for row in read_evals(self.node_dir(i) / "eval.jsonl"))
 
     def _print_progress(self) -> list[int]:
         done = []
@@ -158,13 +142,13 @@ class LocalSwarm:
             rows = self._read_metrics(i)
             for m in rows[self._printed[i]:]:
                 console.print(
-                    f"node{i} round {m['round']:>3} | reward local {m['reward_local_mean']:.3f} "
-                    f"train {m['reward_train_mean']:.3f} | external used {m['external_groups_used']}"
-                    f"/{m['external_groups_available']} | peers {m['peers_seen']} | "
-                    f"gen {m['generate_s']:.1f}s collect {m['collect_s']:.1f}s train {m['train_s']:.1f}s "
-                    f"| {m['round_s']:.1f}s"
-                    + (f" | merge {m['merge_outcome']} ({m['merge_group_size']} peers, {m['merge_s']:.1f}s)"
-                       if m.get("merge_outcome") else "")
+                    f"node{i} round {m.round:>3} | reward local {m.reward_local_mean:.3f} "
+                    f"train {m.reward_train_mean:.3f} | external used {m.external_groups_used}"
+                    f"/{m.external_groups_available} | peers {m.peers_seen} | "
+                    f"gen {m.generate_s:.1f}s collect {m.collect_s:.1f}s train {m.train_s:.1f}s "
+                    f"| {m.round_s:.1f}s"
+                    + (f" | merge {m.merge_outcome} ({m.merge_group_size} peers, {m.merge_s:.1f}s)"
+                       if m.merge_outcome else "")
                 )
             self._printed[i] = len(rows)
             done.append(len(rows))
@@ -247,10 +231,10 @@ class LocalSwarm:
             n = len(rows)
             table.add_row(
                 f"node{i}", str(n),
-                f"{sum(m['reward_local_mean'] for m in rows) / n:.3f}",
-                " ".join(str(m["external_groups_used"]) for m in rows),
-                f"{sum(m['round_s'] for m in rows) / n:.1f}",
-                f"{max(m['peak_rss_mb'] for m in rows):.0f}",
+                f"{sum(m.reward_local_mean for m in rows) / n:.3f}",
+                " ".join(str(m.external_groups_used) for m in rows),
+                f"{sum(m.round_s for m in rows) / n:.1f}",
+                f"{max(m.peak_rss_mb for m in rows):.0f}",
             )
         return table
 

@@ -1,5 +1,5 @@
 """Figures of an experiment, from its logs: per-agent reward, agent-averaged reward, cumulative reward, held-out
-accuracy by round, and held-out accuracy against the node's own compute (tokens and seconds; results_stats.py)."""
+accuracy by round, and held-out accuracy against the node's own compute (tokens and seconds; stats.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from swarm_node.results import load_run
+from swarm_node.records import load_run
 
 MOVING_AVERAGE_ROUNDS = 5
 
@@ -42,7 +42,7 @@ def plot(root: Path, results: dict[str, Any]) -> list[Path]:
     for ax, name in zip(axes[0], names):
         for seed, run in runs[name].items():
             for agent in run["agents"]:
-                ys = [m["reward_local_mean"] for m in agent["metrics"]][:rounds]
+                ys = [m.reward_local_mean for m in agent["metrics"]][:rounds]
                 ax.plot(range(1, len(ys) + 1), _moving_average(ys, MOVING_AVERAGE_ROUNDS), lw=0.9,
                         ls="-" if seed == min(runs[name]) else "--", alpha=0.8)
         ax.set_title(label[name], fontsize=9)
@@ -56,7 +56,7 @@ def plot(root: Path, results: dict[str, Any]) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name in names:
-        series = [[m["reward_local_mean"] for m in a["metrics"]][:rounds] for run in runs[name].values()
+        series = [[m.reward_local_mean for m in a["metrics"]][:rounds] for run in runs[name].values()
                   for a in run["agents"]]
         series = [_moving_average(s, MOVING_AVERAGE_ROUNDS) for s in series if len(s) == rounds]
         if not series:
@@ -82,8 +82,8 @@ def plot(root: Path, results: dict[str, Any]) -> list[Path]:
             per_round = [0.0] * rounds
             for a in run["agents"]:
                 for m in a["metrics"]:
-                    if m["round"] <= rounds:
-                        per_round[m["round"] - 1] += m["reward_local_mean"]
+                    if m.round <= rounds:
+                        per_round[m.round - 1] += m.reward_local_mean
             total, curve = 0.0, []
             for v in per_round:
                 total += v

@@ -11,15 +11,16 @@ A single node's output directory holds `metrics.jsonl` itself; a local swarm's h
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from swarm_node.errors import OperatorError
+from swarm_node.records import PHASES, RecordError, RoundRecord, read_rounds
 
 METRICS = "metrics.jsonl"
-PHASES = ("generate", "publish", "collect", "train")
 WINDOW = 5  # rounds: the moving average and the "first/last rounds" columns of the summary
 
 
@@ -32,31 +33,26 @@ def _natural_key(name: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """One dict per complete line; a last line that does not parse is being written and is skipped."""
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                break
-            raise ReportError(f"{path}:{number} is not valid JSON ({e.msg}); fix or delete that line") from e
-    return records
+def _read_metrics(path: Path) -> list[RoundRecord]:
+    """One RoundRecord per complete line; a last line that does not parse is being written and is skipped."""
+    try:
+        return read_rounds(path, strict=True)
+    except RecordError as e:
+        raise ReportError(str(e)) from None
+    except ValidationError as e:
+        raise ReportError(f"{path} is not a swarm-node metrics.jsonl ({e.errors()[0]['loc']}: "
+                          f"{e.errors()[0]['msg']}); pass the --output-dir a node or swarm ran with") from None
 
 
-def load_runs(output_dir: Path) -> dict[str, list[dict[str, Any]]]:
+def load_runs(output_dir: Path) -> dict[str, list[RoundRecord]]:
     """Read the per-round metrics of the node(s) whose output directory is `output_dir`.
 
     `output_dir` is either one node's output directory (with `metrics.jsonl` in it; the node is named "node")
     or a directory whose immediate subdirectories are node output directories (named after the subdirectory).
-    Returns {node name: [one dict per round, in file order]}, nodes in natural order (node2 before node10).
+    Returns {node name: [one RoundRecord per round, in file order]}, nodes in natural order (node2 before node10).
     A partial last line (a round being written) is skipped.
     Raises ReportError if `output_dir` has no `metrics.jsonl` in it or in its immediate subdirectories,
-    or if a line other than the last is not valid JSON.
+    or if a line other than the last is not valid JSON or not a RoundRecord.
     """
     output_dir = Path(output_dir)
     if (output_dir / METRICS).is_file():
@@ -83,24 +79,24 @@ def _moving_average(values: list[float], window: int = WINDOW) -> list[float]:
     return [_mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def _summary_row(name: str, records: list[dict[str, Any]]) -> str:
-    rewards = [r["reward_local_mean"] for r in records]
+def _summary_row(name: str, records: list[RoundRecord]) -> str:
+    rewards = [r.reward_local_mean for r in records]
     # `rejected` is cumulative, so the last round holds the totals.
-    rejected = records[-1]["rejected"] if records else {}
+    rejected = records[-1].rejected if records else {}
     cells = [
         name,
         str(len(records)),
         _fmt(_mean(rewards[:WINDOW]), 3),
         _fmt(_mean(rewards[-WINDOW:]), 3),
-        _fmt(_mean([r["external_groups_used"] for r in records]), 2),
-        _fmt(_mean([r["round_s"] for r in records]), 1),
-        _fmt(max((r["peak_rss_mb"] for r in records), default=None), 1),
+        _fmt(_mean([r.external_groups_used for r in records]), 2),
+        _fmt(_mean([r.round_s for r in records]), 1),
+        _fmt(max((r.peak_rss_mb for r in records), default=None), 1),
         ", ".join(f"{reason}: {count}" for reason, count in sorted(rejected.items()) if count) or "none",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-def _write_summary(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
+def _write_summary(runs: dict[str, list[RoundRecord]], path: Path) -> None:
     header = [
         "node", "rounds", f"local reward, first {WINDOW} rounds", f"local reward, last {WINDOW} rounds",
         "external groups used", "round s", "peak RSS MB", "rejections",
@@ -137,8 +133,8 @@ def write_report(output_dir: Path, report_dir: Path | None = None) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, records in runs.items():
-        rounds = [r["round"] for r in records]
-        rewards = [r["reward_local_mean"] for r in records]
+        rounds = [r.round for r in records]
+        rewards = [r.reward_local_mean for r in records]
         ax.plot(rounds, rewards, color=colors[name], alpha=0.5, marker=".", label=name)
         ax.plot(rounds, _moving_average(rewards), color=colors[name], linestyle="--",
                 label=f"{name} ({WINDOW}-round mean)")
@@ -152,7 +148,7 @@ def write_report(output_dir: Path, report_dir: Path | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(runs) + 2), 4.5))
     bottoms = [0.0] * len(runs)
     for phase in PHASES:
-        heights = [_mean([r[f"{phase}_s"] for r in records]) or 0.0 for records in runs.values()]
+        heights = [_mean([r.phase_s(phase) for r in records]) or 0.0 for records in runs.values()]
         ax.bar(list(runs), heights, bottom=bottoms, label=phase)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     ax.set(ylabel="mean seconds per round", title="Time per round by phase")
@@ -163,9 +159,9 @@ def write_report(output_dir: Path, report_dir: Path | None = None) -> Path:
 
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
     for name, records in runs.items():
-        rounds = [r["round"] for r in records]
-        top.plot(rounds, [r["peers_seen"] for r in records], color=colors[name], marker=".", label=name)
-        bottom.plot(rounds, [r["external_groups_used"] for r in records], color=colors[name], marker=".", label=name)
+        rounds = [r.round for r in records]
+        top.plot(rounds, [r.peers_seen for r in records], color=colors[name], marker=".", label=name)
+        bottom.plot(rounds, [r.external_groups_used for r in records], color=colors[name], marker=".", label=name)
     top.set(ylabel="peers seen", title="Peers and external groups per round")
     bottom.set(xlabel="round", ylabel="external groups used")
     for ax in (top, bottom):

@@ -12,9 +12,9 @@ Fairness additions (docs/results.md):
 - greedy accuracy on fixed **held-out** sets every M rounds (`eval.jsonl`): in distribution and, in the issue 11
   presets, out of distribution (swarm_node/evaluation.py);
 - several seeds (task streams and sampling), reported with paired bootstrap intervals of the ratio to the baseline
-  and with accuracy against each node's own compute (swarm_node/results.py).
+  and with accuracy against each node's own compute (swarm_node/experiment/results.py).
 
-Arms and presets live in swarm_node/experiment_presets.py: an arm is a dict of node-setting overrides, and a
+Arms and presets live in swarm_node/experiment/presets.py: an arm is a dict of node-setting overrides, and a
 preset may give each agent its own settings (the `heterogeneous` preset's one task per agent). Every run records
 its settings and the git commit (and whether the code differed from it) of every start in `run.json`, and of the
 finish in `done.json`.
@@ -39,9 +39,9 @@ from rich.console import Console
 
 from swarm_node.config import leaf_fields
 from swarm_node.errors import OperatorError
-from swarm_node.experiment_presets import (  # noqa: F401  (re-exported)
+from swarm_node.experiment.presets import (  # noqa: F401  (re-exported)
     LEGACY_VALUES, PRESETS, Arm, ExperimentError, Preset, paper_arms, sharing_arms)
-from swarm_node.launcher import LocalSwarm
+from swarm_node.tools.launcher import LocalSwarm
 
 console = Console(highlight=False)
 MAX_ATTEMPTS = 3  # a run whose swarm fails is continued from its checkpoints this many times in all
@@ -50,7 +50,7 @@ MAX_ATTEMPTS = 3  # a run whose swarm fails is continued from its checkpoints th
 def git_provenance() -> dict[str, Any]:
     """The code that runs: `git rev-parse HEAD` of the checkout holding swarm_node, and whether its code
     (swarm_node/, pyproject.toml; tracked files only) differs from that commit. Nulls outside a git checkout."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # swarm_node/experiment/run.py -> the checkout
     try:
         commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=30, check=True).stdout.strip()
@@ -172,7 +172,7 @@ def run_experiment(preset_name: str, root: Path, arms: list[str] | None = None, 
                                                  **git_provenance()}))
         for node in sorted(d.glob("node*")):  # keep the logs, drop the model checkpoints
             shutil.rmtree(node / "checkpoints", ignore_errors=True)
-    from swarm_node.results import write_results
+    from swarm_node.experiment.results import write_results
 
     md = write_results(root)
     console.print(f"results: {md}")

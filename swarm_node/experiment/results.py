@@ -12,7 +12,7 @@ Metrics (per agent per round, from `metrics.jsonl`):
 Held-out accuracy (from `eval.jsonl`): greedy accuracy on a fixed question set no agent trains on, averaged
 over agents; the out-of-distribution set's (`ood_accuracy`) where logged (swarm_node/evaluation.py).
 Ratios to the baseline (4/0) are paired by seed, with percentile-bootstrap 95% intervals, and held-out accuracy
-is also compared at equal node compute (tokens, seconds): swarm_node/results_stats.py.
+is also compared at equal node compute (tokens, seconds): swarm_node/experiment/stats.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from swarm_node.results_stats import accuracy_at, compute_curve, paired_bootstrap_ratio
+from swarm_node.records import load_run
+from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
 
 RATIO_KEYS = {  # per-run value -> its column title in the ratio table
     "cumulative_reward_local": "cumulative reward, own completions",
@@ -34,28 +35,6 @@ RATIO_KEYS = {  # per-run value -> its column title in the ratio table
 }
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The lines of a per-round JSONL log, up to a torn (being written) last line; [] if the file is missing."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
-def load_run(d: Path) -> dict[str, Any]:
-    """One run's per-agent series: {"agents": [{"metrics": [...], "eval": [...]}, ...], "done": {...}}."""
-    agents = []
-    for node in sorted(d.glob("node*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else 0):
-        agents.append({"name": node.name, "metrics": read_jsonl(node / "metrics.jsonl"), "eval": read_jsonl(node / "eval.jsonl")})
-    done = json.loads((d / "done.json").read_text()) if (d / "done.json").exists() else None
-    return {"dir": d.name, "agents": agents, "done": done}
-
-
 def _spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values), "n": len(values)}
@@ -64,11 +43,11 @@ def _spread(values: list[float]) -> dict[str, float]:
 def summarize_run(run: dict[str, Any], rounds: int) -> dict[str, Any]:
     """Cumulative rewards (sum over agents and rounds 1..rounds), held-out accuracy per evaluation round
     (mean over agents), external groups used and round time."""
-    rows = [m for a in run["agents"] for m in a["metrics"] if m["round"] <= rounds]
+    rows = [m for a in run["agents"] for m in a["metrics"] if m.round <= rounds]
     evals: dict[int, list[float]] = {}
     for a in run["agents"]:
         for e in a["eval"]:
-            evals.setdefault(e["round"], []).append(e["heldout_accuracy"])
+            evals.setdefault(e.round, []).append(e.heldout_accuracy)
     heldout = {r: statistics.fmean(v) for r, v in sorted(evals.items())}
     ood_curve = compute_curve(run["agents"], rounds, "ood_accuracy")
     return {
@@ -76,16 +55,16 @@ def summarize_run(run: dict[str, Any], rounds: int) -> dict[str, Any]:
         "curve_ood": ood_curve,
         "ood_first": ood_curve[0]["accuracy"] if ood_curve else None,
         "ood_last": ood_curve[-1]["accuracy"] if ood_curve else None,
-        "tokens_per_agent": sum(m.get("tokens_generated", 0) + m.get("train_tokens", 0) for m in rows)
+        "tokens_per_agent": sum(m.tokens_generated + m.train_tokens for m in rows)
         / max(1, len(run["agents"])),
-        "cumulative_reward_local": sum(m["reward_local_mean"] for m in rows),
-        "cumulative_reward_train": sum(m["reward_train_mean"] for m in rows),
-        "mean_reward_local": statistics.fmean(m["reward_local_mean"] for m in rows) if rows else 0.0,
+        "cumulative_reward_local": sum(m.reward_local_mean for m in rows),
+        "cumulative_reward_train": sum(m.reward_train_mean for m in rows),
+        "mean_reward_local": statistics.fmean(m.reward_local_mean for m in rows) if rows else 0.0,
         "heldout_by_round": heldout,
         "heldout_first": heldout[min(heldout)] if heldout else None,
         "heldout_last": heldout[max(heldout)] if heldout else None,
-        "external_used_per_round": statistics.fmean(m["external_groups_used"] for m in rows) if rows else 0.0,
-        "round_s": statistics.fmean(m["round_s"] for m in rows) if rows else 0.0,
+        "external_used_per_round": statistics.fmean(m.external_groups_used for m in rows) if rows else 0.0,
+        "round_s": statistics.fmean(m.round_s for m in rows) if rows else 0.0,
         "agent_rounds": len(rows),
     }
 
@@ -241,7 +220,7 @@ def write_results(root: Path) -> Path:
         for run in arm["runs"].values():
             run["heldout_by_round"] = {int(k): v for k, v in run["heldout_by_round"].items()}
     md = root / "results.md"
-    from swarm_node.results_plots import plot
+    from swarm_node.experiment.plots import plot
 
     figures = plot(root, results) if results["arms"] else []
     md.write_text(f"# Experiment {root.name}\n\n" + markdown(results) + "".join(

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from swarm_node.errors import OperatorError
+from swarm_node.records import RoundSummary
 
 
 class StatusError(OperatorError):
@@ -61,14 +62,18 @@ def render(target: str, console: Console | None = None) -> None:
         except StatusError as e:
             table.add_row(label, "-", "-", "[red]unreachable[/]", "-", "-", "-", "-", "-", str(e))
             continue
-        recent = s.get("recent_rounds", [])[-5:]
+        try:
+            recent = [RoundSummary.model_validate(r) for r in s.get("recent_rounds", [])[-5:]]
+        except ValueError as e:  # pydantic's ValidationError: not a swarm-node /status (or another version's)
+            table.add_row(label, "-", "-", "[red]unreadable[/]", "-", "-", "-", "-", "-", str(e)[:200])
+            continue
         health = s.get("health", {})
         state = s.get("state", "?") + ("" if health.get("ok", True) else " [red](stuck)[/]")
         table.add_row(
             label, s.get("peer_id", "?"), " ".join(s.get("multiaddrs", [])), state, str(s.get("round", 0)),
-            " ".join(f"{r['reward_local_mean']:.2f}" for r in recent) or "-",
-            str(recent[-1]["external_groups_used"]) if recent else "-",
-            str(recent[-1]["peers_seen"]) if recent else "-",
+            " ".join(f"{r.reward_local_mean:.2f}" for r in recent) or "-",
+            str(recent[-1].external_groups_used) if recent else "-",
+            str(recent[-1].peers_seen) if recent else "-",
             str(sum(s.get("rejected", {}).values())),
             s.get("last_problem") or "",
         )

@@ -46,14 +46,15 @@ def compute_curve(agents: list[dict[str, Any]], rounds: int, key: str = "heldout
     cumulative compute (tokens and seconds, see the module doc) up to that round. [] if `key` is never logged."""
     per_round: dict[int, list[tuple[float, float, float]]] = {}
     for agent in agents:
-        metrics = sorted((m for m in agent["metrics"] if m["round"] <= rounds), key=lambda m: m["round"])
+        metrics = sorted((m for m in agent["metrics"] if m.round <= rounds), key=lambda m: m.round)
         for e in agent["eval"]:
-            if key not in e or e["round"] > rounds:
+            accuracy = getattr(e, key)
+            if accuracy is None or e.round > rounds:
                 continue
-            done = [m for m in metrics if m["round"] <= e["round"]]
-            tokens = sum(m.get("tokens_generated", 0) + m.get("train_tokens", 0) for m in done)
-            seconds = sum(m["round_s"] for m in done)
-            per_round.setdefault(e["round"], []).append((e[key], tokens, seconds))
+            done = [m for m in metrics if m.round <= e.round]
+            tokens = sum(m.tokens_generated + m.train_tokens for m in done)
+            seconds = sum(m.round_s for m in done)
+            per_round.setdefault(e.round, []).append((accuracy, tokens, seconds))
     n = len(agents)
     return [{"round": r, "accuracy": float(np.mean([v[0] for v in vals])), "tokens": float(np.mean([v[1] for v in vals])),
              "seconds": float(np.mean([v[2] for v in vals]))}
