@@ -41,7 +41,8 @@ from swarm_node.errors import OperatorError
 from swarm_node.learning.sapo import Group, select_local
 from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate, safe_repr, score, stream_seed
 from swarm_node.network import wire
-from swarm_node.network.collector import Collector, group_to_wire
+from swarm_node.network.collector import Collector, CollectorSettings
+from swarm_node.network.groups import group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 from swarm_node import progress
@@ -135,8 +136,8 @@ class Node:
         with progress.task(f"loading model {cfg.train.model}"):
             self.policy, self.trainer = await self._in_thread(self._load_model)
         await self._join_swarm()  # after the model: a connected peer is a peer ready to publish
-        self.collector = Collector(self.exchange, cfg.network, cfg.train, random.Random(cfg.train.seed),
-                                   lambda: self.validator.invalid_signatures, taskset=self.taskset,
+        self.collector = Collector(self.exchange, CollectorSettings.pick(cfg.network, cfg.train),
+                                   random.Random(cfg.train.seed), lambda: self.validator.invalid_signatures, taskset=self.taskset,
                                    count_tokens=lambda text: len(self.policy.tokenizer(text).input_ids),
                                    worker=self._verify_worker)
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
