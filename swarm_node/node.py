@@ -248,7 +248,9 @@ class Node:
             from swarm_node.network.merging import create_merger
 
             # hivemind averagers must start in the main thread (this one) and add child processes
-            self.merger = create_merger(self.config, self.dht, self.policy, self.trainer, self.identity.private_key)
+            self.merger = create_merger(self.config.merge, self.dht, self.policy, self.trainer,
+                                        self.identity.private_key, swarm_name=net.swarm_name,
+                                        total_rounds=self.config.rounds, dht_timeout_s=net.dht_timeout_s)
             self._children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
             record_children(self.out_dir / "node.pids", self._children)
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]

@@ -1,9 +1,9 @@
 """Small settings types for the inner layers, filled from the node's config at the edge.
 
-Modules under `learning/` and `network/` never import `swarm_node.config`: each declares the few settings it
+Modules under `learning/` and `network/` never import the node's config module: each declares the few settings it
 reads as a frozen dataclass of its own (e.g. `learning.trainer.TrainerSettings`,
 `network.collector.CollectorSettings`). The node builds them with `pick`, which reads each field by name from
-the config sections it is given, so a field keeps the name (and docstring) of its setting in `swarm_node/config.py`.
+the config sections it is given, so a field keeps the name (and docstring) of its setting in the node config.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ SLOW_REASONS = frozenset({"fetch_timeout", "unreachable", "stream_error"})  # ch
 
 @dataclasses.dataclass(frozen=True)
 class CollectorSettings:
-    """The settings the collector reads (same names, units and meaning as in swarm_node/config.py; build it with
+    """The settings the collector reads (same names, units and meaning as in the node config, config.py; build it with
     `CollectorSettings.pick(config.network, config.train)`)."""
 
     # freshness and pooling

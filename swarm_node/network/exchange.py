@@ -113,7 +113,7 @@ def shard_of(peer_id: str, num_shards: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class ExchangeSettings:
     """The settings the exchange reads (same names, units and meaning as the network section of
-    swarm_node/config.py)."""
+    the node config, config.py)."""
 
     swarm_name: str
     num_shards: int
