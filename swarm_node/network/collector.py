@@ -353,6 +353,9 @@ class Collector:
             except VerifyBudgetError as e:
                 return self._count(rejections + [Rejection(e.reason, payload.peer_id, e.detail)], None,
                                    payload.peer_id)
+            except Exception:  # counted as internal_error by the caller; the specs refused before still count
+                self._count(rejections, None, payload.peer_id)
+                raise
         groups, judged, verified = checks.judge(payload, specs, results, self.limits, self.seen)
         self.verified_groups += verified
         return self._count(rejections + judged, groups, payload.peer_id)
