@@ -137,7 +137,8 @@ class Node:
             self.policy, self.trainer = await self._in_thread(self._load_model)
         await self._join_swarm()  # after the model: a connected peer is a peer ready to publish
         self.collector = Collector(self.exchange, CollectorSettings.pick(cfg.network, cfg.train),
-                                   random.Random(cfg.train.seed), lambda: self.validator.invalid_signatures, taskset=self.taskset,
+                                   random.Random(cfg.train.seed), lambda: self.validator.invalid_signatures,
+                                   taskset=self.taskset,
                                    count_tokens=lambda text: len(self.policy.tokenizer(text).input_ids),
                                    worker=self._verify_worker)
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
