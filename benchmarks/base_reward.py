@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from swarm_node.config import TrainConfig
-from swarm_node.learning.generation import generate
 from swarm_node.learning.models import load_policy
-from swarm_node.learning.tasks import TaskSet, TaskSpec, has_answer_tags, recreate, score
+from swarm_node.learning.rollouts import generate_and_score
+from swarm_node.learning.tasks import TaskSet, TaskSpec
 from swarm_node.learning.trainer import Trainer
 
 
@@ -49,13 +49,11 @@ def main() -> None:
         rewards, tagged, signal = [], 0, 0
         for start in range(0, len(specs), 4):  # the node's batch: 4 questions x L completions
             batch = specs[start:start + 4]
-            out = generate(policy, [trainer.prompt_text(s) for s in batch], args.completions, args.max_new_tokens, 1.0)
-            for spec, completions in zip(batch, out.completions):
-                question = recreate(spec)
-                group = [score(question, c) for c in completions]
-                rewards += group
-                tagged += sum(has_answer_tags(c) for c in completions)
-                signal += max(group) > min(group)
+            scored = generate_and_score(policy, [trainer.prompt_text(s) for s in batch], batch, args.completions,
+                                        args.max_new_tokens, 1.0)
+            rewards += [x for g in scored.groups for x in g.rewards]
+            tagged += scored.formatted
+            signal += sum(g.has_signal for g in scored.groups)
         rows[task] = {"config": config, "reward_mean": sum(rewards) / len(rewards),
                       "format_rate": tagged / len(rewards), "groups_with_signal": signal / len(specs),
                       "questions": len(specs), "completions_per_question": args.completions,

@@ -317,7 +317,7 @@ class Meter:
         from hivemind.utils import get_dht_time
 
         pool = self.collector.pool
-        filt = self.collector.train.filter_zero_advantage
+        filt = self.collector.settings.filter_zero_advantage
         usable = pool.usable(filt)
         usable_keys = {(g.peer_id, g.round) for g in usable}
         latest = self._latest_rounds()

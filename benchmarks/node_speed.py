@@ -44,8 +44,9 @@ from rich.table import Table
 from swarm_node.config import TrainConfig
 from swarm_node.learning.generation import generate
 from swarm_node.learning.models import load_policy
+from swarm_node.learning.rollouts import score_generated
 from swarm_node.learning.sapo import Group
-from swarm_node.learning.tasks import TaskSet, recreate, score
+from swarm_node.learning.tasks import TaskSet
 from swarm_node.learning.trainer import Trainer
 
 I, L, MAX_NEW_TOKENS = 4, 8, 32
@@ -90,6 +91,16 @@ def naive_step(policy, trainer: Trainer, groups: list[Group], optimizer) -> int:
     return sum(len(s.completion_ids) for s in sequences)
 
 
+def training_groups(policy, specs, out) -> list[Group]:
+    """The sampled completions scored by the node's verifier (learning/rollouts.py), without generator log-probs;
+    a group whose rewards are all equal gets its first reward flipped, so every group trains."""
+    groups = score_generated(policy, specs, out, "bench", 1, keep_logprobs=False).groups
+    for g in groups:
+        if not g.has_signal:
+            g.rewards[0] = 1.0 - g.rewards[0]
+    return groups
+
+
 def bench_compute(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -110,12 +121,7 @@ def bench_compute(args) -> dict:
             t0 = time.perf_counter()
             n = plain_generate(fp32, prompts, bf16)
             gen_rows[name].append(n / (time.perf_counter() - t0))
-        groups = []
-        for spec, completions in zip(specs, out.completions):
-            rewards = [score(recreate(spec), c) for c in completions]
-            rewards[0] = 1.0 - rewards[0] if max(rewards) == min(rewards) else rewards[0]  # every group trains
-            groups.append(Group(spec, completions, rewards, "bench", 1, 0, node.name))
-        groups_per_repeat.append(groups)
+        groups_per_repeat.append(training_groups(node, specs, out))
         print(f"repeat {rep + 1}: tokens/s node {gen_rows['node'][-1]:.0f}, plain fp32 {gen_rows['plain_fp32'][-1]:.0f}, "
               f"plain bf16 {gen_rows['plain_bf16_autocast'][-1]:.0f}", flush=True)
     train_rows = {"node": [], "naive_fp32": []}
@@ -227,12 +233,7 @@ def bench_train_step(args, groups_per_repeat: list[list[Group]] | None = None) -
         for _ in range(args.repeats):
             specs = [taskset.draw(rng) for _ in range(I)]
             out = generate(policy, [trainer.prompt_text(s) for s in specs], L, MAX_NEW_TOKENS, 1.0)
-            groups = []
-            for spec, completions in zip(specs, out.completions):
-                rewards = [score(recreate(spec), c) for c in completions]
-                rewards[0] = 1.0 - rewards[0] if max(rewards) == min(rewards) else rewards[0]  # every group trains
-                groups.append(Group(spec, completions, rewards, "bench", 1, 0, policy.name))
-            groups_per_repeat.append(groups)
+            groups_per_repeat.append(training_groups(policy, specs, out))
     variants = {  # name -> trainer (all share one policy; each step moves it a little, irrelevant to timing)
         "before: one padded batch per group": PaddedTrainer(policy, TrainConfig(), taskset),
         "length buckets (default)": Trainer(policy, TrainConfig(), taskset),

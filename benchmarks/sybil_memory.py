@@ -31,7 +31,7 @@ import swarm_node
 from hivemind.utils import get_dht_time
 from swarm_node.config import NetworkConfig, TrainConfig
 from swarm_node.network import wire
-from swarm_node.network.collector import Collector
+from swarm_node.network.collector import Collector, CollectorSettings
 from swarm_node.network.exchange import FetchError, Rejection
 
 ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
@@ -78,7 +78,7 @@ async def feed(peers: int, batch: int) -> dict:
     exchange = FakeExchange(batch)
     net = NetworkConfig(max_manifests_per_round=batch, fetches_per_round=batch, max_inflight_fetches=batch,
                         ban_strikes=1000)
-    collector = Collector(exchange, net, TrainConfig(model="tiny"), random.Random(0))
+    collector = Collector(exchange, CollectorSettings.pick(net, TrainConfig(model="tiny")), random.Random(0))
     samples = [(0, rss_mb())]
     t0 = time.perf_counter()
     cycles = peers // (2 * batch)
@@ -92,7 +92,10 @@ async def feed(peers: int, batch: int) -> dict:
         if (cycle + 1) % max(1, cycles // 10) == 0:
             samples.append((exchange.fed, rss_mb()))
     sizes = {}
-    for owner, obj in (("collector", collector), ("trust", collector.trust)):
+    owners = [("collector", collector), ("trust", collector.trust)]
+    if hasattr(collector, "admission"):  # since issue 13 the admission maps live in network/admission.py
+        owners.append(("admission", collector.admission))
+    for owner, obj in owners:
         for name, value in vars(obj).items():
             if hasattr(value, "__len__") and not isinstance(value, (str, bytes)):
                 sizes[f"{owner}.{name}"] = len(value)

@@ -18,7 +18,7 @@ from swarm_node.dashboard.http import HttpServer
 
 STATIC_JS = "/static/vendor/uplot/uPlot.iife.min.js"
 from swarm_node.learning.tasks import TaskSet
-from swarm_node.network.collector import Collector
+from swarm_node.network.collector import Collector, CollectorSettings
 from swarm_node.records import EvalRecord, RoundRecord
 from swarm_node.telemetry import Telemetry
 
@@ -126,8 +126,8 @@ def test_peers_endpoint_from_a_real_collector(served):
         version=wire.PROTOCOL_VERSION, peer_id=p, round=r, policy_version=r - 1, model="tiny", num_groups=0,
         num_completions=0, payload_bytes=0, payload_sha256=bytes(32), created_at_s=get_dht_time() - 10 + r)
         for p, r in (("QmHonest", 7), ("QmForger", 7), ("QmHonest", 3))]  # an older manifest in another shard
-    collector = Collector(OnePoll(manifests), NetworkConfig(ban_strikes=2), TrainConfig(model="tiny"),
-                          random.Random(0))
+    collector = Collector(OnePoll(manifests), CollectorSettings.pick(NetworkConfig(ban_strikes=2),
+                                                                     TrainConfig(model="tiny")), random.Random(0))
     asyncio.run(collector.collect_once())  # both announce themselves (round 7, model tiny)
     assert len(collector.verify_payload(honest_payload("QmHonest", 7, taskset, range(3)))) == 3
     for i in range(2):  # two forged rewards: two strikes, banned

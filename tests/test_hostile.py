@@ -213,8 +213,8 @@ def test_hostile_peers_are_rejected_and_honest_training_continues(tmp_path, reap
         names = {p.peer_id: n for n, p in peers.items()}
         print("stores failed:", {n: p.stores_failed for n, p in peers.items() if p.stores_failed})
         print("never announced:", [names[p] for p in names if p not in node.collector.peers_announced],
-              "never tried:", [names[p] for p in names if not node.collector._tries[p]],
-              "tries:", {names.get(p, p[:6]): c for p, c in node.collector._tries.items()})
+              "never tried:", [names[p] for p in names if not node.collector.admission.tries[p]],
+              "tries:", {names.get(p, p[:6]): c for p, c in node.collector.admission.tries.items()})
         # 1. the honest node kept running and training
         assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
         # (round 1 may miss the honest scripted peer: the Sybil flood can push a newcomer to a later round)

@@ -71,20 +71,25 @@ def test_diloco_outer_step_matches_a_hand_computed_reference():
         assert anchor[0].item() == pytest.approx(expected, abs=1e-12)
 
 
-def test_diloco_outer_step_equals_torch_nesterov_sgd():
+def test_diloco_outer_step_by_torch_sgd_equals_the_written_out_formula():
+    """The outer step is torch.optim.SGD(nesterov=True); its numbers equal DiLoCo's formula written out (the
+    node's own implementation before issue 13), and the momentum stays in the caller's tensors (shared, saved)."""
     torch.manual_seed(0)
-    anchor = [torch.randn(5, 3), torch.randn(7)]
-    reference = [torch.nn.Parameter(a.clone()) for a in anchor]
-    sgd = torch.optim.SGD(reference, lr=0.7, momentum=0.9, nesterov=True)
-    momentum = [torch.zeros_like(a) for a in anchor]
-    for _ in range(3):
-        delta = [torch.randn_like(a) for a in anchor]
-        nesterov_outer_step(anchor, delta, momentum, lr=0.7, mu=0.9)
-        for p, d in zip(reference, delta):
-            p.grad = d.clone()
-        sgd.step()
-    for a, p in zip(anchor, reference):
-        torch.testing.assert_close(a, p.detach(), rtol=1e-6, atol=1e-6)
+    for lr, mu in ((0.7, 0.9), (0.5, 0.5), (1.0, 0.0)):
+        anchor = [torch.randn(5, 3, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+        momentum = [torch.zeros_like(a) for a in anchor]
+        ref_anchor, ref_momentum = [a.clone() for a in anchor], [m.clone() for m in momentum]
+        buffers = [id(m) for m in momentum]
+        for _ in range(3):
+            delta = [torch.randn_like(a) for a in anchor]
+            nesterov_outer_step(anchor, delta, momentum, lr=lr, mu=mu)
+            for a, d, m in zip(ref_anchor, delta, ref_momentum):  # m <- mu m + d; a <- a - lr (d + mu m)
+                m.mul_(mu).add_(d)
+                a.sub_(d + mu * m, alpha=lr)
+        assert [id(m) for m in momentum] == buffers
+        for got, want in zip(anchor + momentum, ref_anchor + ref_momentum):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert all(a.grad is None for a in anchor)
     # lr 1 and no momentum is plain averaging: anchor - (anchor - mean) = mean
     anchor, workers = [torch.tensor([2.0])], [torch.tensor([1.0]), torch.tensor([4.0])]
     delta = [sum(anchor[0] - w for w in workers) / 2]

@@ -13,7 +13,7 @@ from swarm_node.learning.sapo import Group
 from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate, score
 from swarm_node.learning.trainer import Trainer
 from swarm_node.network import wire
-from swarm_node.network.collector import group_to_wire
+from swarm_node.network.groups import group_to_wire
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +194,7 @@ def test_logprobs_survive_the_wire_and_verification_and_reach_the_trainer(tiny_p
     import random
 
     from swarm_node.config import NetworkConfig
-    from swarm_node.network.collector import Collector
+    from swarm_node.network.collector import Collector, CollectorSettings
 
     policy = tiny_policy_factory()
     cfg = TrainConfig(model="tiny", max_new_tokens=8, learning_rate=1e-3)
@@ -211,7 +211,7 @@ def test_logprobs_survive_the_wire_and_verification_and_reach_the_trainer(tiny_p
     payload = wire.RolloutPayload(version=wire.PROTOCOL_VERSION, peer_id="QmSender", round=1, policy_version=0,
                                   model="tiny", groups=[group_to_wire(group)])
     decoded = wire.decode_payload(wire.encode(payload), 10**6)
-    received = Collector(None, NetworkConfig(), cfg, random.Random(0)).verify_payload(decoded)
+    received = Collector(None, CollectorSettings.pick(NetworkConfig(), cfg), random.Random(0)).verify_payload(decoded)
     assert received and received[0].logprobs == [list(x) for x in lps]
     receiver = Trainer(tiny_policy_factory(), cfg, taskset)
     receiver.local_peer_id = "QmReceiver"

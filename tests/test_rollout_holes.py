@@ -168,7 +168,7 @@ def test_hole3_silent_and_stalling_peers_cost_the_node_nothing(tmp_path, reap_ch
     assert hello["sent"]
     assert_survived_and_trained_on_honest(node, honest_id, list(attackers.values()), rows, rounds)
     assert all(r["collect_wait_s"] == 0 for r in rows), [r["collect_wait_s"] for r in rows]
-    trust, tries = node.collector.trust, node.collector._tries
+    trust, tries = node.collector.trust, node.collector.admission.tries
     staller = attackers["stalled"]
     assert trust.rejects_by_peer[staller]["fetch_timeout"] >= 1
     assert staller not in trust.banned_peers  # slowness is no violation

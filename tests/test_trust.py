@@ -8,7 +8,7 @@ import pytest
 
 from swarm_node.config import NetworkConfig, TrainConfig
 from swarm_node.learning.tasks import TaskSet
-from swarm_node.network.collector import Collector
+from swarm_node.network.collector import Collector, CollectorSettings
 from swarm_node.network.trust import PeerTrust
 
 from hostile import honest_payload
@@ -16,7 +16,11 @@ from hostile import honest_payload
 
 @pytest.fixture
 def collector():
-    return Collector(None, NetworkConfig(ban_strikes=2), TrainConfig(model="tiny"), random.Random(0))
+    return make_collector(None, NetworkConfig(ban_strikes=2))
+
+
+def make_collector(exchange, net: NetworkConfig) -> Collector:
+    return Collector(exchange, CollectorSettings.pick(net, TrainConfig(model="tiny")), random.Random(0))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def test_duplicates_count_once_whoever_sends_them(collector, taskset):
 
 
 def test_receiver_limits(collector, taskset):
-    collector.net.max_groups_per_payload = 3
+    collector = make_collector(None, NetworkConfig(max_groups_per_payload=3))
     assert collector.verify_payload(honest_payload("QmBig", 1, taskset, range(4))) is None
     assert collector.trust.rejects_by_peer["QmBig"]["over_limit"] == 1
 
@@ -151,23 +155,24 @@ def test_per_peer_maps_stay_bounded_under_fresh_peer_ids():
 
     net = NetworkConfig(max_tracked_peers=64, max_manifests_per_round=250, fetches_per_round=250,
                         max_inflight_fetches=250)  # every manifest admitted (sampling off)
-    collector = Collector(Sybils(), net, TrainConfig(model="tiny"), random.Random(0))
+    collector = make_collector(Sybils(), net)
 
     async def run():
         for _ in range(10):
             await collector.collect_once()
-            await asyncio.gather(*list(collector._inflight.values()))
+            await collector.drain()
             collector.take()
 
     asyncio.run(run())
     trust = collector.trust
     assert trust.rejects["hash_mismatch"] + trust.rejects["fetch_timeout"] == 2500 and trust.rejects["malformed"] == 2500
-    for name in ("_failures", "_tries", "_timeouts", "_backoff_until", "peers_announced", "accepted_by_peer",
-                 "_good_peers"):
+    for name in ("peers_announced", "accepted_by_peer", "peer_latest"):
         assert len(getattr(collector, name)) <= 64, name
+    for name in ("failures", "tries", "timeouts", "backoff_until", "good_peers"):
+        assert len(getattr(collector.admission, name)) <= 64, name
     for name in ("rejects_by_peer", "_strikes", "_banned_until"):
         assert len(getattr(trust, name)) <= 64, name
-    for name in ("_seen_manifests", "_seen_bad_records"):
-        assert len(getattr(collector, name)) == 4 * 64, name  # full, and no fuller
+    assert len(collector.admission.seen_manifests) == 4 * 64  # full, and no fuller
+    assert len(collector._seen_bad_records) == 4 * 64
     assert len(trust._strikes) == 64  # the bound is reached, not avoided
     assert collector.take().peers_seen == 0  # only peers that delivered verified groups count

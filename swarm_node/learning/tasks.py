@@ -28,7 +28,7 @@ from reasoning_gym.factory import DATASETS
 from reasoning_gym.utils import SYSTEM_PROMPTS
 
 from swarm_node.errors import OperatorError
-from swarm_node.network import wire
+from swarm_node.learning.spec_config import config_problem
 
 RG_VERSION = importlib.metadata.version("reasoning-gym")
 
@@ -227,10 +227,10 @@ class TaskSet:
         self.num_fewshot = default_shots if num_fewshot < 0 else num_fewshot
         self.seed, self.size = seed, size
         for name, config in self.tasks.items():
-            try:  # the config travels in every task spec, so it must be one the wire allows (scalar values)
-                wire.check_config(config)
-            except wire.WireError as e:
-                raise TaskError(f"task {name}: {e.detail}") from None
+            # the config travels in every task spec, so it must be one the wire allows (scalar values)
+            problem = "config is not a map" if type(config) is not dict else config_problem(config)
+            if problem:
+                raise TaskError(f"task {name}: {problem}")
             try:
                 dataset_for(TaskSpec(name, config, seed, 0, size))  # fail at start-up, not mid-run
             except SpecError as e:

@@ -23,11 +23,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from swarm_node.config import TrainConfig
 from swarm_node.learning.generation import autocast, release_inference_model, tokenizer_identity
 from swarm_node.learning.grpo import clipped_policy_loss, group_advantages, tis_weights
 from swarm_node.learning.offpolicy import align_logprobs, truncate_after_answer
 from swarm_node.learning.models import Policy
+from swarm_node.learning.settings import pick
 from swarm_node.learning.sapo import Group
 from swarm_node.learning.tasks import TaskSet, TaskSpec, recreate
 
@@ -59,7 +59,30 @@ class StepStats:
     peer_ess: dict[str, float] = dataclasses.field(default_factory=dict)  # per external peer: ESS fraction this step
 
 
-def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+@dataclasses.dataclass(frozen=True)
+class TrainerSettings:
+    """The settings one GRPO update reads (same names, units and meaning as the train section of
+    the node config, config.py, whose defaults apply; docs/configuration.md)."""
+
+    optimizer: str
+    learning_rate: float
+    max_new_tokens: int
+    micro_batch_size: int
+    steps_per_round: int
+    advantage_eps: float
+    clip_eps_low: float
+    clip_eps_high: float
+    kl_coef: float
+    grad_clip_norm: float
+    loss_normalizer: str
+    off_policy_correction: str
+    tis_max_ratio: float
+    tis_drop_ratio: float
+    external_after_answer: str
+    plausibility_margin: float
+
+
+def make_optimizer(params, config: TrainerSettings) -> torch.optim.Optimizer:
     """The optimizer named by `config.optimizer`, with the absolute learning rate `config.learning_rate`.
 
     - adamw: `torch.optim.AdamW(fused=True)`, one fused kernel per step; state 8 bytes per parameter.
@@ -81,13 +104,14 @@ class Trainer:
 
     Args:
         policy: the loaded policy (trained in place).
-        config: the train section of the node config.
+        config: `TrainerSettings`, or any object with its fields (the node's train section; learning/settings.py).
         taskset: builds the local prompt for every question.
     """
 
     BUCKET_OVERHEAD_POSITIONS = 16  # one more decoder call costs about this many positions (length_buckets)
 
-    def __init__(self, policy: Policy, config: TrainConfig, taskset: TaskSet):
+    def __init__(self, policy: Policy, config, taskset: TaskSet):
+        config = pick(TrainerSettings, config)
         self.policy, self.config, self.taskset = policy, config, taskset
         self.optimizer = make_optimizer(policy.model.parameters(), config)
         self.reference = None

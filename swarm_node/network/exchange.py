@@ -32,7 +32,7 @@ from hivemind.utils import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 
-from swarm_node.config import NetworkConfig
+from swarm_node.learning.settings import pick
 from swarm_node.network import wire
 from swarm_node.network.identity import peer_id_from_public_key
 
@@ -110,9 +110,46 @@ def shard_of(peer_id: str, num_shards: int) -> int:
     return int.from_bytes(digest[:4], "little") % num_shards
 
 
-def publish_key(config: NetworkConfig, peer_id: str) -> str:
-    """The DHT key a peer publishes its manifest under."""
+@dataclasses.dataclass(frozen=True)
+class ExchangeSettings:
+    """The settings the exchange reads (same names, units and meaning as the network section of
+    the node config, config.py)."""
+
+    swarm_name: str
+    num_shards: int
+    publish_ttl_s: float
+    dht_timeout_s: float
+    fetch_timeout_s: float
+
+
+def publish_key(config, peer_id: str) -> str:
+    """The DHT key a peer publishes its manifest under (`config`: anything with `swarm_name` and `num_shards`)."""
     return rollout_key(config.swarm_name, shard_of(peer_id, config.num_shards))
+
+
+def manifest_for(payload: wire.RolloutPayload, data: bytes, peer_id: str) -> wire.Manifest:
+    """The manifest `peer_id` announces `payload` (encoded as `data`) with, stamped with the DHT clock now."""
+    return wire.Manifest(version=wire.PROTOCOL_VERSION, peer_id=peer_id, round=payload.round,
+                         policy_version=payload.policy_version, model=payload.model, num_groups=len(payload.groups),
+                         num_completions=sum(len(g.completions) for g in payload.groups), payload_bytes=len(data),
+                         payload_sha256=wire.sha256(data), created_at_s=get_dht_time())
+
+
+def payload_for(manifest: wire.Manifest, data: bytes, max_payload_bytes: int) -> wire.RolloutPayload:
+    """Decode fetched bytes and check them against their manifest (hash, schema, peer, round, policy version,
+    model, group count). Raises FetchError (`hash_mismatch`, a `wire.WireError` reason, `manifest_mismatch`)."""
+    if wire.sha256(data) != manifest.payload_sha256:
+        raise FetchError("hash_mismatch")
+    try:
+        payload = wire.decode_payload(data, max_payload_bytes)
+    except wire.WireError as e:
+        raise FetchError(e.reason, e.detail) from None
+    if (payload.peer_id, payload.round, payload.policy_version, payload.model) != (
+            manifest.peer_id, manifest.round, manifest.policy_version, manifest.model):
+        raise FetchError("manifest_mismatch", "payload peer, round, policy version or model differs from its manifest")
+    if len(payload.groups) != manifest.num_groups:
+        raise FetchError("manifest_mismatch", "group count differs from its manifest")
+    return payload
 
 
 class RolloutExchange:
@@ -122,13 +159,12 @@ class RolloutExchange:
         dht: a running hivemind DHT created with `validator` among its record validators.
         p2p: a P2P replica of the DHT's daemon in this process (serves the rollout stream).
         validator: the RSASignatureValidator built from the node's identity key.
-        config: the network section of the node config.
+        config: `ExchangeSettings`, or any object with its fields (the node's network section; learning/settings.py).
         keep_rounds: how many of this node's own payloads stay available to peers.
     """
 
-    def __init__(self, dht: DHT, p2p: P2P, validator: RSASignatureValidator, config: NetworkConfig,
-                 keep_rounds: int = 8):
-        self.dht, self.p2p, self.validator, self.config = dht, p2p, validator, config
+    def __init__(self, dht: DHT, p2p: P2P, validator: RSASignatureValidator, config, keep_rounds: int = 8):
+        self.dht, self.p2p, self.validator, self.config = dht, p2p, validator, pick(ExchangeSettings, config)
         self.peer_id = p2p.peer_id.to_base58()
         self._payloads: OrderedDict[int, bytes] = OrderedDict()
         self._keep_rounds = keep_rounds
@@ -153,18 +189,7 @@ class RolloutExchange:
         self._payloads[payload.round] = data
         while len(self._payloads) > self._keep_rounds:
             self._payloads.popitem(last=False)
-        manifest = wire.Manifest(
-            version=wire.PROTOCOL_VERSION,
-            peer_id=self.peer_id,
-            round=payload.round,
-            policy_version=payload.policy_version,
-            model=payload.model,
-            num_groups=len(payload.groups),
-            num_completions=sum(len(g.completions) for g in payload.groups),
-            payload_bytes=len(data),
-            payload_sha256=wire.sha256(data),
-            created_at_s=get_dht_time(),
-        )
+        manifest = manifest_for(payload, data, self.peer_id)
         key = publish_key(self.config, self.peer_id)
         future = self.dht.store(
             key, wire.encode(manifest), get_dht_time() + self.config.publish_ttl_s,
@@ -269,18 +294,7 @@ class RolloutExchange:
             raise FetchError("stream_error", repr(e)[:200]) from None
         except Exception as e:
             raise FetchError("unreachable", repr(e)[:200]) from None
-        if wire.sha256(data) != manifest.payload_sha256:
-            raise FetchError("hash_mismatch")
-        try:
-            payload = wire.decode_payload(data, max_payload_bytes)
-        except wire.WireError as e:
-            raise FetchError(e.reason, e.detail) from None
-        if (payload.peer_id, payload.round, payload.policy_version, payload.model) != (
-                manifest.peer_id, manifest.round, manifest.policy_version, manifest.model):
-            raise FetchError("manifest_mismatch", "payload peer, round, policy version or model differs from its manifest")
-        if len(payload.groups) != manifest.num_groups:
-            raise FetchError("manifest_mismatch", "group count differs from its manifest")
-        return payload
+        return payload_for(manifest, data, max_payload_bytes)
 
     async def _download(self, manifest: wire.Manifest) -> bytes:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(manifest.peer_id), STREAM_PROTOCOL)

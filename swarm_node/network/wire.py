@@ -22,13 +22,14 @@ the input, so one peer's bytes can never raise anything else in its handler.
 from __future__ import annotations
 
 import hashlib
-import math
-import re
 from typing import Annotated, Any
 
 import msgpack
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr,
                       ValidationError, field_validator, model_serializer, model_validator)
+
+# the rule for a task spec's config (and its limits) lives with the task spec: learning/spec_config.py
+from swarm_node.learning.spec_config import INT64_MAX, INT64_MIN, config_problem
 
 PROTOCOL_MAJOR = 1
 PROTOCOL_MINOR = 1  # 1.1: optional WireGroup.logprobs / tokenizer_sha256 (off-policy correction)
@@ -40,13 +41,9 @@ MAX_GROUPS_PER_PAYLOAD = 64
 MAX_COMPLETIONS_PER_GROUP = 64
 MAX_COMPLETION_CHARS = 8192
 MAX_NAME_CHARS = 128
-MAX_CONFIG_BYTES = 2048  # canonical re-encoding of a task spec's `config` map (PROTOCOL.md "TaskSpec")
-MAX_CONFIG_KEY_CHARS = 64
-MAX_CONFIG_STR_CHARS = 128
 MAX_REQUEST_BYTES = 256
 MAX_DEPTH = 6  # containers (maps/arrays) nested in one message, the top-level map counting as 1
 MAX_VERSION = 2**16 - 1  # major and minor are each 0..65535
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_MERGE_SEGMENTS = 256  # checksum segments per merge (tensors are grouped to at most this many)
 MAX_MERGE_MESSAGE_BYTES = 16 * 1024
 MAX_LOGPROB_TOKENS = 4096  # per completion (the largest max_new_tokens)
@@ -84,7 +81,6 @@ Int64 = Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)]
 # A float field takes a msgpack float64 or float32 (widened exactly) or an integer (converted to the nearest float64),
 # never a bool, and must be finite (PROTOCOL.md "Decoding").
 WireFloat = Annotated[StrictFloat, Field(allow_inf_nan=False)]
-_CONFIG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Manifest(_Message):
@@ -130,36 +126,6 @@ class WireTaskSpec(BaseModel):
         if self.index >= self.size:
             raise ValueError(f"index {self.index} >= size {self.size}")
         return self
-
-
-def config_bytes(config: dict[str, Any]) -> int:
-    """Length of the canonical encoding of a task config: shortest msgpack forms, floats as float64, bytes."""
-    return len(msgpack.packb(config, use_bin_type=True))
-
-
-def config_problem(config: dict[str, Any]) -> str:
-    """Why `config` cannot be a wire TaskSpec's config, or "" if it can (PROTOCOL.md "TaskSpec").
-
-    Keys: ASCII identifiers of 1-64 chars. Values: scalars only, typed exactly as decoded (no conversion):
-    bool, int in [-2^63, 2^63), finite float, or str of at most 128 chars. Canonical encoding <= 2048 bytes.
-    """
-    for key, value in config.items():
-        if type(key) is not str or len(key) > MAX_CONFIG_KEY_CHARS or not _CONFIG_KEY.fullmatch(key):
-            return f"config key {str(key)[:80]!r} is not an identifier of 1-{MAX_CONFIG_KEY_CHARS} ASCII chars"
-        kind = type(value)
-        if kind is int:
-            ok = INT64_MIN <= value <= INT64_MAX
-        elif kind is float:
-            ok = math.isfinite(value)
-        elif kind is str:
-            ok = len(value) <= MAX_CONFIG_STR_CHARS
-        else:
-            ok = kind is bool
-        if not ok:
-            return f"config value of {key!r} is not a bool, int64, finite float or str of <= {MAX_CONFIG_STR_CHARS} chars"
-    if config_bytes(config) > MAX_CONFIG_BYTES:
-        return f"config over {MAX_CONFIG_BYTES} bytes (canonical encoding)"
-    return ""
 
 
 def check_config(config: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The GENERATE and SCORE phases of a round: the node's own groups (SAPO's I local questions x L completions).
 
-One batched generation call for every prompt, then the strict verifier on every completion. Runs on the node's
+One batched generation call for every prompt, then the strict verifier on every completion
+(`learning/rollouts.generate_and_score`). Runs on the node's
 torch thread. The learning layer provides every step (tasks, prompts, generation, scoring); this module only
 wires them for one round and stamps each group with the node's identity, round and policy version.
 """
@@ -8,7 +9,7 @@ wires them for one round and stamps each group with the node's identity, round a
 from __future__ import annotations
 
 from swarm_node.learning.sapo import Group
-from swarm_node.learning.tasks import TaskSpec, has_answer_tags, recreate, score
+from swarm_node.learning.tasks import TaskSpec
 from swarm_node.node.memory import release_free_memory
 
 
@@ -20,20 +21,12 @@ def generate_local_groups(policy, trainer, specs: list[TaskSpec], num_completion
         policy: the loaded policy (swarm_node/learning/models.py); trainer: its Trainer (prompt text, version).
         specs: the round's task specs, drawn from the node's own stream.
     """
-    from swarm_node.learning.generation import generate, tokenizer_identity
+    from swarm_node.learning.rollouts import generate_and_score
 
-    questions = [recreate(s) for s in specs]
     prompts = [trainer.prompt_text(s) for s in specs]
     try:
-        out = generate(policy, prompts, num_completions, max_new_tokens, temperature)
+        out = generate_and_score(policy, prompts, specs, num_completions, max_new_tokens, temperature,
+                                 peer_id=peer_id, round_=round_, policy_version=trainer.policy_version)
     finally:
         release_free_memory()
-    tokenizer_id = tokenizer_identity(policy.tokenizer)
-    groups, formatted, total = [], 0, 0
-    for question, completions, logprobs in zip(questions, out.completions, out.logprobs):
-        rewards = [score(question, c) for c in completions]
-        formatted += sum(has_answer_tags(c) for c in completions)
-        total += len(completions)
-        groups.append(Group(question.spec, completions, rewards, peer_id, round_, trainer.policy_version,
-                            policy.name, logprobs, tokenizer_id))
-    return groups, out.num_tokens, formatted / max(total, 1)
+    return out.groups, out.num_tokens, out.format_rate

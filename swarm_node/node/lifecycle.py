@@ -34,7 +34,8 @@ from swarm_node.errors import OperatorError
 from swarm_node.learning.sapo import Group, select_local
 from swarm_node.learning.tasks import TaskSet, safe_repr, stream_seed
 from swarm_node.network import wire
-from swarm_node.network.collector import Collector, group_to_wire
+from swarm_node.network.collector import Collector, CollectorSettings
+from swarm_node.network.groups import group_to_wire
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 from swarm_node.node.generate import generate_local_groups
@@ -113,8 +114,9 @@ class Node:
         with progress.task(f"loading model {cfg.train.model}"):
             self.policy, self.trainer = await self._in_thread(self._load_model)
         await self._join_swarm()  # after the model: a connected peer is a peer ready to publish
-        self.collector = Collector(self.exchange, cfg.network, cfg.train, random.Random(cfg.train.seed),
-                                   lambda: self.validator.invalid_signatures, taskset=self.taskset,
+        self.collector = Collector(self.exchange, CollectorSettings.pick(cfg.network, cfg.train),
+                                   random.Random(cfg.train.seed), lambda: self.validator.invalid_signatures,
+                                   taskset=self.taskset,
                                    count_tokens=lambda text: len(self.policy.tokenizer(text).input_ids),
                                    worker=self._verify_worker)
         self.checkpoints = CheckpointStore(self.out_dir / "checkpoints", cfg.checkpoint_keep)
@@ -158,7 +160,9 @@ class Node:
             from swarm_node.network.merging import create_merger
 
             # hivemind averagers must start in the main thread (this one) and add child processes
-            self.merger = create_merger(self.config, self.dht, self.policy, self.trainer, self.identity.private_key)
+            self.merger = create_merger(self.config.merge, self.dht, self.policy, self.trainer,
+                                        self.identity.private_key, swarm_name=net.swarm_name,
+                                        total_rounds=self.config.rounds, dht_timeout_s=net.dht_timeout_s)
             self._children = new_children(before)
             record_children(self.out_dir / "node.pids", self._children)
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]

@@ -8,6 +8,8 @@
 - `averager`: hivemind's DecentralizedAverager with byte counters, failure signals and a chosen shared state.
 - `weights`: `WeightMerger`, one verified merge (or a quick skip) per scheduled round, repairs, state loading.
 - `grad`: `GradMerger`, hivemind.Optimizer around the node's AdamW for shared-gradient training.
+- `moments`: averaging AdamW's moments with the weights (merge_optimizer_state = average).
+- `settings`: `MergeSettings`, the merge settings the mergers read.
 - `stats`: the counters and the `merge_*` metrics fields.
 
 hivemind runs averagers in child processes; they must be created in the main thread after the DHT exists
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from swarm_node.config import MergeConfig, NodeConfig
+from swarm_node.network.merging.settings import MergeSettings
 
 
-def param_copies(config: MergeConfig) -> int:
-    """fp32 copies of the weights a merger keeps besides the model (for the start-up memory estimate)."""
+def param_copies(config) -> int:
+    """fp32 copies of the weights a merger keeps besides the model (for the start-up memory estimate).
+    `config`: anything with `merge_mode` and `merge_optimizer_state` (the node's merge section)."""
     if config.merge_mode == "off":
         return 0
     if config.merge_mode == "grad":
@@ -31,18 +34,24 @@ def param_copies(config: MergeConfig) -> int:
     return copies + (2 if config.merge_optimizer_state == "average" else 0)
 
 
-def create_merger(config: NodeConfig, dht, policy, trainer, private_key) -> Any:
-    """The merger for `config.merge.merge_mode` (None when off). Call in the main thread, DHT running.
-    `private_key` is the node's identity key (it signs the DHT records of grad mode's progress tracker)."""
-    mode = config.merge.merge_mode
-    if mode == "off":
+def create_merger(merge, dht, policy, trainer, private_key, *, swarm_name: str, total_rounds: int = 0,
+                  dht_timeout_s: float = 10.0) -> Any:
+    """The merger for `merge.merge_mode` (None when off). Call in the main thread, DHT running.
+
+    Args:
+        merge: `MergeSettings` or the node's merge section.
+        private_key: the node's identity key (it signs the DHT records of grad mode's progress tracker).
+        swarm_name: namespace of the DHT keys; total_rounds: the run's length (0: open-ended), for `late`;
+        dht_timeout_s: deadline of one DHT call, seconds.
+    """
+    settings = MergeSettings.pick(merge)
+    if settings.merge_mode == "off":
         return None
-    if mode == "grad":
+    if settings.merge_mode == "grad":
         from swarm_node.network.merging.grad import GradMerger
 
-        return GradMerger(config.merge, dht, policy.model, trainer, config.network.swarm_name, private_key,
-                          config.network.dht_timeout_s)
+        return GradMerger(settings, dht, policy.model, trainer, swarm_name, private_key, dht_timeout_s)
     from swarm_node.network.merging.weights import WeightMerger
 
-    return WeightMerger(config.merge, dht, policy.model, trainer.optimizer, config.network.swarm_name,
-                        config.rounds, config.network.dht_timeout_s, private_key=private_key)
+    return WeightMerger(settings, dht, policy.model, trainer.optimizer, swarm_name, total_rounds, dht_timeout_s,
+                        private_key=private_key)

@@ -90,3 +90,12 @@ def mismatch(observed: Sequence[float], expected: Sequence[float], segment_norms
             return math.inf
         worst = max(worst, ratio)
     return worst
+
+
+@torch.no_grad()
+def digest(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """[sum, L2 norm] of all `tensors` together (float64): a cheap identity of a set of weights (the model's merged
+    parameters after a merge; the DiLoCo anchor in a gather)."""
+    total = sum(t.detach().sum(dtype=torch.float64).item() for t in tensors)
+    norm = sum(torch.linalg.vector_norm(t.detach(), dtype=torch.float64).item() ** 2 for t in tensors) ** 0.5
+    return [total, norm]

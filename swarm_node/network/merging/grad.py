@@ -28,9 +28,9 @@ import torch
 from hivemind.optim.grad_averager import GradientAverager
 from hivemind.optim.state_averager import TrainingStateAverager
 
-from swarm_node.config import MergeConfig
 from swarm_node.network.merging.averager import Instrumented, make_compression, start_in_main_thread
 from swarm_node.network.merging.fingerprint import merge_layout, merge_prefix, model_fingerprint
+from swarm_node.network.merging.settings import MergeSettings
 from swarm_node.network.merging.stats import MergeResult, MergeStats
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class GradMerger:
     """Replaces the trainer's optimizer with a hivemind.Optimizer over the same AdamW. Create in the main thread.
 
     Args:
-        config: the merge section.
+        config: `MergeSettings`, or the node's merge section (its fields are picked by name).
         dht: the node's running DHT.
         model: the policy model.
         trainer: the node's Trainer (its optimizer is wrapped; see Trainer.use_collaborative_optimizer).
@@ -72,8 +72,9 @@ class GradMerger:
             every peer needs its own key (hivemind's default is one key per process).
     """
 
-    def __init__(self, config: MergeConfig, dht, model: torch.nn.Module, trainer, swarm_name: str,
+    def __init__(self, config, dht, model: torch.nn.Module, trainer, swarm_name: str,
                  private_key, dht_timeout_s: float = 10.0):
+        config = MergeSettings.pick(config)
         self.config, self.trainer = config, trainer
         self.fingerprint = model_fingerprint(model)
         self.prefix = merge_prefix(swarm_name, self.fingerprint, "grad",

@@ -118,3 +118,16 @@ class Strikes:
 
     def banned(self, peer: bytes) -> bool:
         return self.by_peer[peer] >= self.LIMIT
+
+
+def same_anchor(own: Sequence[float], reference: Sequence[float]) -> bool:
+    """Do two anchor digests ([sum, L2 norm], checksum.digest) agree within 1e-4 of the larger norm?"""
+    if len(reference) != 2:
+        return False
+    return abs(own[0] - reference[0]) <= 1e-4 * max(own[1], reference[1]) + 1e-9
+
+
+def anchor_agreed(own: Sequence[float], members: Sequence[Sequence[float]]) -> bool:
+    """Does our anchor digest match the anchor of at least half of the group (ourselves included)? A pair that
+    disagrees therefore keeps its own anchors; nobody follows one peer's claim."""
+    return 2 * sum(same_anchor(own, m) for m in members) >= len(members)

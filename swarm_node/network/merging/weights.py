@@ -43,29 +43,28 @@ import torch
 from hivemind.averaging.allreduce import AllreduceException
 from pydantic import ValidationError
 
-from swarm_node.config import MergeConfig
 from swarm_node.learning.diloco import nesterov_outer_step, pseudo_gradient
 from swarm_node.network import wire
-from swarm_node.network.merging import checksum, guard
+from swarm_node.network.merging import checksum, guard, moments
 from swarm_node.network.merging.averager import MergeAverager, make_compression, start_in_main_thread
 from swarm_node.network.merging.fingerprint import merge_layout, merge_prefix, merged_parameters, model_fingerprint
 from swarm_node.network.merging.registry import MergeRegistry
 from swarm_node.network.merging.state import StateSharing, _RoundFailed
 from swarm_node.network.merging.schedule import MergeSchedule
+from swarm_node.network.merging.settings import MergeSettings
 from swarm_node.network.merging.stats import MergeResult, MergeStats
 
 log = logging.getLogger(__name__)
 
 FINAL_MERGE_WINDOW_FACTOR = 3.0  # the last merge of a `late` run waits longer for every peer
 DECLARE_STATE_PERIOD_S = 10.0  # how often an averager re-announces itself as a state donor (and how stale that is)
-MOMENT_RATIO = 10.0  # averaged AdamW moments: |exp_avg_hat| is clamped to this times sqrt(exp_avg_sq_hat)
 
 
 def _tie_breaker(peer_id: bytes) -> float:
     return int.from_bytes(hashlib.sha256(peer_id).digest()[:4], "big") / 2**33  # [0, 0.5)
 
 
-def _chunk_timeout_s(config: MergeConfig) -> float:
+def _chunk_timeout_s(config: MergeSettings) -> float:
     """hivemind's next_chunk_timeout: a sender silent this long is dropped from the round (reducers: twice that)."""
     return max(1.0, config.merge_allreduce_timeout_s / 6)
 
@@ -74,7 +73,7 @@ class WeightMerger(StateSharing):
     """Merges a model's weights with same-model peers (`params` or `diloco`). Create in the main thread.
 
     Args:
-        config: the merge section.
+        config: `MergeSettings`, or the node's merge section (its fields are picked by name).
         dht: the node's running hivemind DHT.
         model: the policy model (trained in place by the node; only touched by the merger in its calls).
         optimizer: the node's AdamW (for merge_optimizer_state).
@@ -86,8 +85,9 @@ class WeightMerger(StateSharing):
 
     averager_cls = MergeAverager  # the hivemind averager class (tests substitute a hostile one)
 
-    def __init__(self, config: MergeConfig, dht, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, config, dht, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  swarm_name: str, total_rounds: int = 0, dht_timeout_s: float = 10.0, *, private_key):
+        config = MergeSettings.pick(config)
         assert config.merge_mode in ("params", "diloco"), config.merge_mode
         self.config, self.mode, self.dht = config, config.merge_mode, dht
         self.optimizer, self.dht_timeout_s = optimizer, dht_timeout_s
@@ -215,12 +215,9 @@ class WeightMerger(StateSharing):
         sent, received = self.averager.traffic.totals()
         return self.stats.metrics(result, sent, received, self.weights_checksum() if result else None)
 
-    @torch.no_grad()
     def weights_checksum(self) -> list[float]:
         """[sum, L2 norm] of the model's merged parameters (float64); equal across peers right after a merge."""
-        total = sum(p.detach().sum(dtype=torch.float64).item() for p in self.params)
-        norm = sum(torch.linalg.vector_norm(p.detach(), dtype=torch.float64).item() ** 2 for p in self.params) ** 0.5
-        return [total, norm]
+        return checksum.digest(self.params)
 
     def shutdown(self) -> None:
         if self.averager.is_alive():
@@ -233,7 +230,7 @@ class WeightMerger(StateSharing):
         return wire.encode(wire.MergeGather(
             version=wire.PROTOCOL_VERSION, mode=self.mode, fingerprint=self.fingerprint,
             sums=checksum.checksums(self.buffer, self.groups),
-            anchor=self._anchor_digest() if self.mode == "diloco" else [], merges=min(self.level, wire.MAX_MERGE_LEVEL),
+            anchor=checksum.digest(self.anchor) if self.mode == "diloco" else [], merges=min(self.level, wire.MAX_MERGE_LEVEL),
             priority=min(float(self.averager.state_sharing_priority), wire.MAX_MERGE_LEVEL + 1.0),
             optimizer_step=min(self._optimizer_step(), wire.MAX_MERGE_LEVEL)))
 
@@ -276,7 +273,8 @@ class WeightMerger(StateSharing):
             return MergeResult("failed", group_size=len(gathered), detail=str(e))
         finally:
             self.trust.note(self._update_norm)
-        if self.mode == "diloco" and not self._anchor_agreed(members):
+        own_anchor = checksum.digest(self.anchor) if self.mode == "diloco" else []
+        if self.mode == "diloco" and not guard.anchor_agreed(own_anchor, [m.anchor for m in members]):
             # our anchor is not the one most of the group shares (e.g. another initialisation): adopt the state
             # a majority of the online members agree on instead
             if self.load_state(own_weights_as_anchor=False):
@@ -299,14 +297,7 @@ class WeightMerger(StateSharing):
                 pseudo_gradient(self.anchor, [p.detach() for p in self.params], self.buffer[:n])
                 self._update_norm = guard.norm(self.buffer[:n])
             if self.config.merge_optimizer_state == "average":
-                for i, p in enumerate(self.params):
-                    state = self.optimizer.state.get(p, {})
-                    for k, key in enumerate(("exp_avg", "exp_avg_sq")):
-                        target = self.buffer[n + k * n + i]
-                        if key in state:
-                            target.copy_(state[key])
-                        else:
-                            target.zero_()
+                moments.read(self.optimizer, self.params, self.buffer[n:])
 
     def _verify(self, gathered: dict, segment_norms: list[float]) -> tuple[float, list[wire.MergeGather]]:
         """Raise _RoundFailed unless the buffer now holds the verified group mean. Returns (mismatch, members)."""
@@ -354,22 +345,8 @@ class WeightMerger(StateSharing):
         if cfg.merge_optimizer_state == "reset":
             self.optimizer.state.clear()
         elif cfg.merge_optimizer_state == "average":
-            step = guard.lower_median([m.optimizer_step for m in members])
-            betas = {id(q): g.get("betas", (0.9, 0.999)) for g in self.optimizer.param_groups for q in g["params"]}
-            with torch.no_grad():
-                for i, p in enumerate(self.params):
-                    state = self.optimizer.state[p]
-                    if "step" not in state:
-                        state["step"] = torch.tensor(float(max(step, 1)))
-                    exp_avg_sq = self.buffer[2 * n + i].clamp_min(0)
-                    # bias-corrected |m_hat| <= MOMENT_RATIO * sqrt(v_hat) bounds each AdamW update by MOMENT_RATIO
-                    # * lr, whatever the group sent (one peer's own moments keep the ratio near 1; a mean of
-                    # disagreeing peers' moments may exceed 1 a little, so the bound has headroom)
-                    beta1, beta2 = betas.get(id(p), (0.9, 0.999))
-                    t = max(float(state["step"]), 1.0)
-                    bound = exp_avg_sq.sqrt() * (MOMENT_RATIO * (1 - beta1**t) / (1 - beta2**t) ** 0.5)
-                    state["exp_avg"] = torch.minimum(torch.maximum(self.buffer[n + i], -bound), bound).to(p.device)
-                    state["exp_avg_sq"] = exp_avg_sq.to(p.device).clone()
+            moments.write(self.optimizer, self.params, self.buffer[n:],
+                          guard.lower_median([m.optimizer_step for m in members]))
 
     def _repair(self, first: MergeResult) -> MergeResult:
         # the other members of a broken round notice at different times, up to a sender plus a reducer timeout
@@ -395,22 +372,6 @@ class WeightMerger(StateSharing):
     def _peers_merging(self) -> bool:
         """Is another verified member looking for a group right now? (One DHT read of the signed registry.)"""
         return any(m.merging for m in self.registry.members() or [])
-
-    def _anchor_digest(self) -> list[float]:
-        total = sum(a.sum(dtype=torch.float64).item() for a in self.anchor)
-        norm = sum(torch.linalg.vector_norm(a, dtype=torch.float64).item() ** 2 for a in self.anchor) ** 0.5
-        return [total, norm]
-
-    def _same_anchor(self, reference: list[float]) -> bool:
-        if len(reference) != 2:
-            return False
-        total, norm = self._anchor_digest()
-        return abs(total - reference[0]) <= 1e-4 * max(norm, reference[1]) + 1e-9
-
-    def _anchor_agreed(self, members: list[wire.MergeGather]) -> bool:
-        """Does our anchor match the anchor of at least half of the group (ourselves included)? A pair that
-        disagrees therefore keeps its own anchors; nobody follows one peer's claim."""
-        return 2 * sum(self._same_anchor(m.anchor) for m in members) >= len(members)
 
     def _optimizer_step(self) -> int:
         steps = [int(s["step"]) for s in self.optimizer.state.values() if "step" in s]
