@@ -34,3 +34,9 @@ def group_from_wire(payload: wire.RolloutPayload, i: int, spec: TaskSpec, reward
     return Group(spec, list(wg.completions), rewards, payload.peer_id, payload.round, payload.policy_version,
                  payload.model, [list(x) for x in wg.logprobs] if wg.logprobs is not None else None,
                  wg.tokenizer_sha256)
+
+
+def payload_of(groups: list[Group], peer_id: str, round_: int, policy_version: int, model: str) -> wire.RolloutPayload:
+    """The rollout payload a node publishes for one round: its groups, stamped with its identity and policy."""
+    return wire.RolloutPayload(version=wire.PROTOCOL_VERSION, peer_id=peer_id, round=round_,
+                               policy_version=policy_version, model=model, groups=[group_to_wire(g) for g in groups])

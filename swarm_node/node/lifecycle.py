@@ -33,9 +33,8 @@ from swarm_node.config import NodeConfig
 from swarm_node.errors import OperatorError
 from swarm_node.learning.sapo import Group, select_local
 from swarm_node.learning.tasks import TaskSet, safe_repr, stream_seed
-from swarm_node.network import wire
 from swarm_node.network.collector import Collector, CollectorSettings
-from swarm_node.network.groups import group_to_wire
+from swarm_node.network.groups import payload_of
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 from swarm_node.node.generate import generate_local_groups
@@ -357,7 +356,8 @@ class Node:
             return None
         with timer.phase("publish"):
             self.collector.note_own(generated)  # copies of these coming back from other peers are refused
-            published = await self.exchange.publish(self._payload(r, generated))
+            published = await self.exchange.publish(payload_of(generated, self.peer_id, r,
+                                                               self.trainer.policy_version, self.policy.name))
         with timer.phase("collect"):
             collected = self.collector.take()  # what background collection has verified so far: never waits
         with timer.phase("train"), progress.task(f"round {r}: GRPO step on {len(local) + len(collected.groups)} "
@@ -372,11 +372,6 @@ class Node:
                             format_rate=format_rate, tokens_generated=tokens_generated, collector=self.collector,
                             exchange=self.exchange, rounds_failed=self.rounds_failed,
                             pace_wait_s=self._pace_wait_s, merge_fields=merge_fields)
-
-    def _payload(self, r: int, groups: list[Group]) -> wire.RolloutPayload:
-        return wire.RolloutPayload(version=wire.PROTOCOL_VERSION, peer_id=self.peer_id, round=r,
-                                   policy_version=self.trainer.policy_version, model=self.policy.name,
-                                   groups=[group_to_wire(g) for g in groups])
 
     @property
     def peer_id(self) -> str:
