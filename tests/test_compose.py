@@ -29,7 +29,7 @@ IMAGE = "swarm-node:test"
 NODES = ("node0", "node1", "node2")  # the services of docker-compose.yml
 RUN = ("node0", "node1")  # the ones the test starts: the bootstrap peer and one joiner (2 cores here)
 PUBLIC_BASE = "python:3.11-slim-bookworm"
-FIRST, TOTAL = 4, 7  # rounds before `down`, and in all
+FIRST, TOTAL = 4, 8  # rounds before `down`, and in all (a joiner sees its peer's groups from its 2nd or 3rd round on)
 
 
 def compose_command() -> list[str] | None:
@@ -167,7 +167,7 @@ class ComposeSwarm:
                 "SWARM_NODE_NUM_COMPLETIONS": "3", "SWARM_NODE_MAX_NEW_TOKENS": "8",
                 "SWARM_NODE_FILTER_ZERO_ADVANTAGE": "false", "SWARM_NODE_LINGER_S": "900",
                 # tiny-model rounds can finish faster than one collection cycle on a quiet machine
-                "SWARM_NODE_MIN_ROUND_INTERVAL_S": "6"}
+                "SWARM_NODE_MIN_ROUND_INTERVAL_S": "8"}
 
     def __init__(self, tmp_path: Path, base_image: str, full_image: bool):
         services = {name: {"environment": dict(self.SETTINGS)} for name in NODES}
