@@ -268,6 +268,7 @@ def test_compose_swarm_exchanges_rollouts_and_resumes_after_down_up(tmp_path):
 
         t0 = time.monotonic()
         swarm("down", "-t", "60", rounds=FIRST)  # containers go, the volume (and node0's old node.json) stays
+        timings["down_s"] = time.monotonic() - t0
         swarm("up", "-d", *RUN, rounds=TOTAL)  # node1 must find this run's node0, not the address file of the last
         second = swarm.wait_rounds(TOTAL, timeout_s=600)
         timings[f"down_up_{TOTAL - FIRST}_rounds_s"] = time.monotonic() - t0
