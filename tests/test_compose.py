@@ -155,7 +155,7 @@ def host_environment() -> tuple[list[str], dict[str, str]]:
     volumes = [f"{p.resolve()}:{p.resolve()}:ro" for p in paths]
     if prefix.resolve() != prefix:  # a symlinked virtualenv path: mount it where its scripts point as well
         volumes.append(f"{prefix.resolve()}:{prefix}:ro")
-    env = {"PYTHONPATH": str(ROOT), "SWARM_NODE_CACHE": str(cache_dir())}
+    env = {"PYTHONPATH": str(ROOT), "SWARM_NODE_CACHE": str(cache_dir().resolve())}
     return volumes, env
 
 
