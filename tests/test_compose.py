@@ -1,11 +1,15 @@
-"""docker-compose.yml and the Dockerfile, for real: build the image, run a 3-node tiny swarm under compose, check
-that every node trained on its peers' groups, then `down` and `up` again and check that every node resumed its
-round counter with the same peer ID. Skips when no Docker engine is reachable.
+"""docker-compose.yml for real: a swarm of two nodes (node0, the bootstrap peer, and node1) on host networking,
+run by compose from the repository's file; each node must train on its peer's groups, then `down` and `up` again
+must resume each node from the volume with the same peer ID, rejoin its peer at the first attempt and go on.
+Skips when no Docker engine is reachable.
 
-On a machine without Docker Hub the base image is built from Debian's packages (docker/local-base.sh, needs root
-and debootstrap), or named by SWARM_NODE_TEST_BASE_IMAGE. A CPU torch wheel in pip's find-links directory is
-linked into docker/wheels/ so that the build does not download torch. Images stay cached between runs; containers
-and the test's volume are removed.
+The image (docs/operations.md, "Containers"): by default the test-only docker/test/Dockerfile, i.e. a Debian
+base image made once per machine from Debian's packages (docker/local-base.sh; tagged with a hash of that
+script, so a changed script makes a new one) with the test's own virtualenv, its interpreter, this checkout and
+the converted embedded model bind-mounted read-only. `SWARM_NODE_TEST_IMAGE=full` builds the user-facing
+Dockerfile instead (CPU torch from a wheel linked into docker/wheels/, the dependencies from PyPI, the model
+converted into the image): the same checks, about 8 more minutes cold. `SWARM_NODE_TEST_BASE_IMAGE` names
+another base image. Images stay cached between runs; containers and the test's volume are removed.
 """
 
 from __future__ import annotations
