@@ -128,7 +128,7 @@ class Node:
                 await self._in_thread(self.merger.join, self.round)
         self._start_telemetry()
         # announce readiness: peers wait for the next round of every peer that has announced itself
-        await self.exchange.publish(self._payload(self.round, []))
+        await self.exchange.publish(payload_of([], self.peer_id, self.round, self.trainer.policy_version, self.policy.name))
         self.collector.start()  # background collection: poll, fetch and verify into the pool, all run long
         write_node_info(self.out_dir, self.peer_id, self.maddrs, self.policy.name, self.metrics_url)
 
