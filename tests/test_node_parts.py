@@ -53,10 +53,54 @@ def test_a_hung_start_becomes_one_network_error_after_the_retries(monkeypatch):
         raise DhtStartHung()
 
     monkeypatch.setattr(join, "_start_dht", hang)
+    monkeypatch.setattr(join, "JOIN_BACKOFF_S", 0.0)
     net = NetworkConfig(startup_timeout_s=5.0, startup_retries=1)
     with pytest.raises(NetworkError, match=r"did not start within 65 s .*--startup-timeout-s"):
         asyncio.run(join.start_dht(net, Path("identity.key"), validator=None, initial_peers=[]))
     assert attempts == [5.0 + join.JOIN_DEADLINE_MARGIN_S] * 2
+
+
+def test_an_unreachable_bootstrap_peer_from_a_file_is_retried_and_named():
+    """A bootstrap peer given on the command line that cannot be reached is final; one read from
+    --initial-peers-file is retried (the file may be a stopped peer's, rewritten when it restarts)."""
+    ident = Path("/x/identity.key")
+    from_file = explain_join_failure(RuntimeError("failed to connect to bootstrap peers"),
+                                     NetworkConfig(initial_peers_file="/swarm/node0/node.json"), ident, 70.0, [DEAD])
+    assert from_file.retryable and "/swarm/node0/node.json" in from_file.message and DEAD in from_file.message
+    flag = explain_join_failure(RuntimeError("failed to connect to bootstrap peers"),
+                                NetworkConfig(initial_peers=[DEAD]), ident, 70.0, [DEAD])
+    assert not flag.retryable and "/swarm" not in flag.message
+
+
+@pytest.mark.slow
+def test_a_join_retry_dials_the_rewritten_bootstrap_peers(reap_children, monkeypatch, tmp_path):
+    """A real DHT start whose first bootstrap address is dead (a stale node.json): the retry re-reads the peers
+    and joins the live DHT they now name."""
+    from hivemind import DHT
+
+    from swarm_node.network.exchange import CountingSignatureValidator
+    from swarm_node.network.identity import load_or_create_identity
+
+    monkeypatch.setattr(join, "JOIN_BACKOFF_S", 0.1)
+    identity = load_or_create_identity(tmp_path / "identity.key")
+    live = DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    reads = []
+
+    async def reload():
+        reads.append(1)
+        return [str(a) for a in live.get_visible_maddrs()]
+
+    net = NetworkConfig(initial_peers_file="node.json", startup_timeout_s=15.0, startup_retries=2)
+    dht = None
+    try:
+        dht = asyncio.run(join.start_dht(net, identity.path, CountingSignatureValidator(identity.private_key),
+                                         initial_peers=[DEAD], reload_peers=reload))
+        assert reads == [1]  # exactly one failed attempt, then the re-read peers worked
+        assert dht.peer_id != live.peer_id and dht.is_alive()
+    finally:
+        for d in (dht, live):
+            if d is not None:
+                d.shutdown()
 
 
 def _parts(seed: int):

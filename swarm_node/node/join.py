@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import psutil
 
@@ -24,6 +24,7 @@ from swarm_node.errors import OperatorError
 from swarm_node.processes import kill_and_wait
 
 log = logging.getLogger("swarm_node")
+JOIN_BACKOFF_S, JOIN_BACKOFF_MAX_S = 2.0, 10.0  # wait before join retry k: 2 s * 2^k, at most 10 s
 JOIN_DEADLINE_MARGIN_S = 60.0  # beyond --startup-timeout-s: the DHT process's own start-up and bootstrap
 
 
@@ -64,9 +65,13 @@ class JoinFailure:
     retryable: bool
 
 
-def explain_join_failure(e: BaseException, net: Any, identity_path: Path, deadline_s: float) -> JoinFailure:
-    """Classify a DHT start-up failure. `net` is the node's NetworkConfig (initial_peers, host_maddrs,
-    startup_timeout_s); only the exception's text is matched, never a message built here."""
+def explain_join_failure(e: BaseException, net: Any, identity_path: Path, deadline_s: float,
+                         initial_peers: list[str] | None = None) -> JoinFailure:
+    """Classify a DHT start-up failure. `net` is the node's NetworkConfig (initial_peers, initial_peers_file,
+    host_maddrs, startup_timeout_s); `initial_peers` the bootstrap multiaddrs actually dialled (default
+    `net.initial_peers`). Only the exception's text is matched, never a message built here. An unreachable bootstrap
+    peer named on the command line is final; one read from `initial_peers_file` is retried, since the file may be a
+    stopped peer's and be rewritten when that peer restarts."""
     if isinstance(e, DhtStartHung):
         return JoinFailure(f"the DHT process did not start within {deadline_s:.0f} s (hivemind's start-up hung, "
                            "seen on an overloaded machine); raise --startup-timeout-s, or check that hivemind's p2pd "
@@ -79,10 +84,13 @@ def explain_join_failure(e: BaseException, net: Any, identity_path: Path, deadli
     if "address already in use" in low:
         return JoinFailure(f"a listen address in {net.host_maddrs} is already in use; pick another port or use "
                            "tcp/0", False)
-    if net.initial_peers and ("bootstrap" in low or "failed to connect" in low or "dial" in low):
-        return JoinFailure(f"could not reach any bootstrap peer in {net.initial_peers}: check that the peer is "
+    peers = list(net.initial_peers) if initial_peers is None else initial_peers
+    if peers and ("bootstrap" in low or "failed to connect" in low or "dial" in low):
+        from_file = bool(net.initial_peers_file) and not set(peers) <= set(net.initial_peers)
+        source = f" (read from {net.initial_peers_file})" if from_file else ""
+        return JoinFailure(f"could not reach any bootstrap peer in {peers}{source}: check that the peer is "
                            f"running, the address and port are right and reachable from here ({text.strip()[:200]})",
-                           False)
+                           from_file)
     if "failed to start" in low:
         return JoinFailure(f"the p2p daemon did not start within {net.startup_timeout_s:.0f} s ({text.strip()[:200]}); "
                            "raise --startup-timeout-s or check that hivemind's p2pd binary runs on this machine", True)
@@ -101,12 +109,15 @@ def _start_dht(kwargs: dict[str, Any], deadline_s: float):
     return dht
 
 
-async def start_dht(net: Any, identity_path: Path, validator, initial_peers: list[str]):
-    """Start hivemind's DHT with `net.startup_retries` retries; a failed attempt's processes are killed.
+async def start_dht(net: Any, identity_path: Path, validator, initial_peers: list[str],
+                    reload_peers: Callable[[], Awaitable[list[str]]] | None = None):
+    """Start hivemind's DHT with `net.startup_retries` retries, waiting JOIN_BACKOFF_S * 2^k (at most
+    JOIN_BACKOFF_MAX_S) before retry k; a failed attempt's processes are killed.
 
     Args:
         net: the node's NetworkConfig.
         validator: the record validator (signatures) the DHT checks every record with.
+        reload_peers: re-reads the bootstrap multiaddrs before each retry (the `initial_peers_file` case).
     Raises:
         NetworkError: every attempt failed, or one failed for a reason a retry cannot fix.
     """
@@ -130,12 +141,17 @@ async def start_dht(net: Any, identity_path: Path, validator, initial_peers: lis
             dht = await asyncio.get_running_loop().run_in_executor(None, _start_dht, kwargs, deadline_s)
             break
         except Exception as e:
-            failure = explain_join_failure(e, net, identity_path, deadline_s)
+            failure = explain_join_failure(e, net, identity_path, deadline_s, initial_peers)
             kill_and_wait(new_children(before), grace_s=0)
             if attempt == net.startup_retries or not failure.retryable:
                 raise NetworkError(failure.message) from None
-            log.warning("joining failed (attempt %d of %d): %s; retrying", attempt + 1, net.startup_retries + 1,
-                        failure.message)
+            backoff_s = min(JOIN_BACKOFF_MAX_S, JOIN_BACKOFF_S * 2**attempt)
+            log.warning("joining failed (attempt %d of %d): %s; retrying in %.0f s", attempt + 1,
+                        net.startup_retries + 1, failure.message, backoff_s)
+            await asyncio.sleep(backoff_s)
+            if reload_peers is not None:
+                initial_peers = await reload_peers()
+                kwargs["initial_peers"] = initial_peers or None
     return dht
 
 

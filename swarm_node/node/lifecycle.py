@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import random
@@ -42,7 +43,7 @@ from swarm_node.node.join import (NetworkError, check_addresses, child_pids, new
                                   wait_for_peers)
 from swarm_node.node.memory import check_memory_fits, prepare_torch, release_free_memory
 from swarm_node.node.metrics import PhaseTimer, round_record
-from swarm_node.node.peers_file import peers_from_file, write_node_info
+from swarm_node.node.peers_file import bootstrap_peers, write_node_info
 from swarm_node.node.runlog import RunLog
 from swarm_node.node.state import node_state
 from swarm_node.processes import kill_and_wait, reap_recorded, record_children
@@ -128,7 +129,8 @@ class Node:
                 await self._in_thread(self.merger.join, self.round)
         self._start_telemetry()
         # announce readiness: peers wait for the next round of every peer that has announced itself
-        await self.exchange.publish(payload_of([], self.peer_id, self.round, self.trainer.policy_version, self.policy.name))
+        await self.exchange.publish(payload_of([], self.peer_id, self.round, self.trainer.policy_version,
+                                               self.policy.name))
         self.collector.start()  # background collection: poll, fetch and verify into the pool, all run long
         write_node_info(self.out_dir, self.peer_id, self.maddrs, self.policy.name, self.metrics_url)
 
@@ -143,13 +145,11 @@ class Node:
 
     async def _join_swarm(self) -> None:
         net = self.config.network
-        initial_peers = list(net.initial_peers)
-        if net.initial_peers_file:
-            initial_peers += await peers_from_file(Path(net.initial_peers_file), net.initial_peers_file_timeout_s,
-                                                   lambda: self.stopping)
+        peers = functools.partial(bootstrap_peers, net, lambda: self.stopping)  # re-read before each retry
         self.validator = CountingSignatureValidator(self.identity.private_key)
         before = child_pids()
-        self.dht = await start_dht(net, self.identity.path, self.validator, initial_peers)
+        self.dht = await start_dht(net, self.identity.path, self.validator, await peers(),
+                                   peers if net.initial_peers_file else None)
         self._children = new_children(before)
         record_children(self.out_dir / "node.pids", self._children)
         p2p = await asyncio.wait_for(self.dht.replicate_p2p(), net.startup_timeout_s)
@@ -165,7 +165,7 @@ class Node:
             self._children = new_children(before)
             record_children(self.out_dir / "node.pids", self._children)
         self.maddrs = [str(a) for a in self.dht.get_visible_maddrs()]
-        if not initial_peers:
+        if not (net.initial_peers or net.initial_peers_file):
             log.info("started a new swarm; others join with --initial-peers %s", " ".join(self.maddrs))
         else:
             log.info("joined the swarm; this node's multiaddrs: %s", " ".join(self.maddrs))

@@ -48,3 +48,12 @@ async def peers_from_file(path: Path, timeout_s: float, stopping: Callable[[], b
         raise NetworkError(f"{path} is not a swarm-node node.json with a 'multiaddrs' list")
     check_multiaddrs(maddrs, f"bootstrap peer (from {path})", need_peer_id=True)
     return maddrs
+
+
+async def bootstrap_peers(net, stopping: Callable[[], bool]) -> list[str]:
+    """The bootstrap multiaddrs to dial: `net.initial_peers` plus those in `net.initial_peers_file`, if set (read
+    now: the file may be rewritten when its peer restarts, so a join retry reads it again). Raises NetworkError
+    as `peers_from_file` does."""
+    from_file = (await peers_from_file(Path(net.initial_peers_file), net.initial_peers_file_timeout_s, stopping)
+                 if net.initial_peers_file else [])
+    return list(net.initial_peers) + from_file
