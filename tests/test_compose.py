@@ -1,6 +1,7 @@
-"""docker-compose.yml for real: a swarm of two nodes (node0, the bootstrap peer, and node1) on host networking,
-run by compose from the repository's file; each node must train on its peer's groups, then `down` and `up` again
-must resume each node from the volume with the same peer ID, rejoin its peer at the first attempt and go on.
+"""docker-compose.yml for real: a swarm of three nodes (node0, the bootstrap peer, node1 and node2) on host
+networking, run by compose from the repository's file; each node must train on its peers' groups, then `down` and
+`up` again must resume each node from the volume with the same peer ID, rejoin its peers at the first attempt and
+go on.
 Skips when no Docker engine is reachable.
 
 The image (docs/operations.md, "Containers"): by default the test-only docker/test/Dockerfile, i.e. a Debian
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = "swarmnodetest"
 IMAGE = "swarm-node:test"
 NODES = ("node0", "node1", "node2")  # the services of docker-compose.yml
-RUN = ("node0", "node1")  # the ones the test starts: the bootstrap peer and one joiner (2 cores here)
+RUN = NODES  # the ones the test starts: the bootstrap peer and both joiners
 PUBLIC_BASE = "python:3.11-slim-bookworm"
 FIRST, TOTAL = 4, 8  # rounds before `down`, and in all (a joiner sees its peer's groups from its 2nd or 3rd round on)
 
