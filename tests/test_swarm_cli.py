@@ -20,7 +20,10 @@ def test_local_swarm_of_three_exchanges_rollouts_and_cleans_up(tmp_path):
     cmd = [sys.executable, "-m", "swarm_node.cli", "swarm", "--nodes", "3", "--rounds", "3", "--model", "tiny",
            "--output-dir", str(out), "--no-filter-zero-advantage", "--num-local-groups", "2",
            "--num-external-groups", "2", "--num-completions", "3", "--max-new-tokens", "8",
-           "--merge-mode", "params", "--merge-every-rounds", "1"]
+           "--merge-mode", "params", "--merge-every-rounds", "1",
+           # a tiny-model round (~0.3 s) is faster than one collection cycle (poll, fetch, verify): paced like
+           # the `tiny` experiment preset, so that "peers' groups from round 2 on" is about the node, not the clock
+           "--min-round-interval-s", "3", "--collect-interval-s", "0.5"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "dashboard of the whole swarm: http://127.0.0.1:" in result.stdout  # one URL for the local swarm
