@@ -133,6 +133,8 @@ class EvalRecord(BaseModel):
     num_questions: int | None = None
     ood_accuracy: float | None = None
     ood_num_questions: int | None = None
+    heldout_by_task: dict[str, float] | None = None  # accuracy per task of the held-out set
+    ood_by_task: dict[str, float] | None = None
     eval_s: float | None = None
     time_s: float | None = None
 

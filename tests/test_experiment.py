@@ -17,6 +17,7 @@ from swarm_node.experiment.run import ExperimentError, PRESETS, git_provenance, 
 from swarm_node.experiment.presets import Arm, sharing_arms
 from swarm_node.learning.tasks import SMOL_TASKS, TaskError, TaskSet, recreate
 from swarm_node.records import EvalRecord, RoundRecord
+from swarm_node.experiment.breakdown import ablation, own_task_split, parent_arm
 from swarm_node.experiment.results import collect, markdown
 from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
 
@@ -215,3 +216,46 @@ def test_tiny_preset_end_to_end_resumes_and_reports(tmp_path, reap_children):
     other = subprocess.run(_cli("sapo", "--preset", "tiny", "--rounds", "3", "--root", str(root)), env=env,
                            capture_output=True, text=True, timeout=60)
     assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def test_ablation_pairs_each_ingredient_with_the_arm_without_it():
+    base = "local4-ext0"
+    assert parent_arm(base, base) is None
+    assert parent_arm("local2-ext2", base) == (base, "sharing (2 of 4 groups from peers)")
+    assert parent_arm("control", base) == (base, "local filtering (control)")
+    assert parent_arm("local2-ext2-tis-success", base) == ("local2-ext2-tis", "success gating")
+    assert parent_arm("local2-ext2-tis", base) == ("local2-ext2", "TIS")
+
+    def arm(**per_seed):
+        return {"runs": {int(s[1:]): {"heldout_last": v, "round_s": 10.0} for s, v in per_seed.items()}}
+
+    arms = {base: arm(s0=0.2, s1=0.3, s2=0.4), "local2-ext2": arm(s0=0.4, s1=0.3),
+            "local2-ext2-tis-success": arm(s0=0.8, s1=0.9, s2=1.0)}
+    rows = {row["arm"]: row for row in ablation(arms, base)}
+    assert set(rows) == {"local2-ext2", "local2-ext2-tis-success"}
+    assert rows["local2-ext2"]["seeds"] == [0, 1]  # only the seeds both arms ran
+    assert rows["local2-ext2"]["ratios"]["heldout_last"]["ratio"] == pytest.approx(0.7 / 0.5)
+    # 2/2-tis did not run, so success gating is measured together with TIS against plain 2/2
+    assert rows["local2-ext2-tis-success"]["parent"] == "local2-ext2"
+    assert rows["local2-ext2-tis-success"]["ingredient"] == "TIS + success gating"
+    assert rows["local2-ext2-tis-success"]["ratios"]["heldout_last"]["ratio"] == pytest.approx(1.7 / 0.7)
+    assert rows["local2-ext2-tis-success"]["ratios"]["cumulative_reward_local"] is None  # not in these runs
+
+
+def test_own_task_split_separates_a_specialists_task_from_the_others():
+    def agent(*by_task):
+        return {"eval": [EvalRecord(round=r, heldout_accuracy=0.0, heldout_by_task=t) for r, t in enumerate(by_task)]}
+
+    agents = [agent({"a": 0.2, "b": 0.2, "c": 0.2}, {"a": 0.8, "b": 0.3, "c": 0.5}),
+              agent({"a": 0.2, "b": 0.4, "c": 0.2}, {"a": 0.1, "b": 0.6, "c": 0.3})]
+    split = own_task_split(agents, [["a"], ["b"]], rounds=10)
+    assert split["heldout_own_first"] == pytest.approx(0.3)
+    assert split["heldout_own_last"] == pytest.approx((0.8 + 0.6) / 2)
+    assert split["heldout_other_last"] == pytest.approx((0.4 + 0.2) / 2)
+    assert split["heldout_other_first"] == pytest.approx((0.2 + 0.2) / 2)
+    assert own_task_split(agents, [["a"], ["b"]], rounds=0)["heldout_own_last"] == pytest.approx(0.3)
+    # undefined where an agent draws from several tasks (homogeneous) or the logs lack the per-task split
+    assert set(own_task_split(agents, [["a", "b"], ["b"]], rounds=10).values()) == {None}
+    assert set(own_task_split(agents, None, rounds=10).values()) == {None}
+    bare = [{"eval": [EvalRecord(round=0, heldout_accuracy=0.1)]}] * 2
+    assert set(own_task_split(bare, [["a"], ["b"]], rounds=10).values()) == {None}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_node.records import load_run
+from swarm_node.experiment.breakdown import ABLATION_KEYS, ablation, own_task_split
 from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
 
 RATIO_KEYS = {  # per-run value -> its column title in the ratio table
@@ -32,6 +33,9 @@ RATIO_KEYS = {  # per-run value -> its column title in the ratio table
     "heldout_at_equal_tokens": "held-out acc. at equal tokens",
     "heldout_at_equal_seconds": "held-out acc. at equal seconds",
     "ood_at_equal_tokens": "OOD acc. at equal tokens",
+    "heldout_own_last": "held-out acc., own task, end",  # only in presets of one-task specialists (breakdown.py)
+    "heldout_other_last": "held-out acc., other tasks, end",
+    "round_s": "round s",
 }
 
 
@@ -40,9 +44,10 @@ def _spread(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarize_run(run: dict[str, Any], rounds: int) -> dict[str, Any]:
+def summarize_run(run: dict[str, Any], rounds: int, stream_tasks: list[list[str]] | None = None) -> dict[str, Any]:
     """Cumulative rewards (sum over agents and rounds 1..rounds), held-out accuracy per evaluation round
-    (mean over agents), external groups used and round time."""
+    (mean over agents), external groups used and round time; with `stream_tasks` (one task per agent), held-out
+    accuracy on the agents' own task and on the others (breakdown.own_task_split)."""
     rows = [m for a in run["agents"] for m in a["metrics"] if m.round <= rounds]
     evals: dict[int, list[float]] = {}
     for a in run["agents"]:
@@ -66,6 +71,7 @@ def summarize_run(run: dict[str, Any], rounds: int) -> dict[str, Any]:
         "external_used_per_round": statistics.fmean(m.external_groups_used for m in rows) if rows else 0.0,
         "round_s": statistics.fmean(m.round_s for m in rows) if rows else 0.0,
         "agent_rounds": len(rows),
+        **own_task_split(run["agents"], stream_tasks, rounds),
     }
 
 
@@ -73,6 +79,7 @@ def collect(root: Path) -> dict[str, Any]:
     """Every finished run of an experiment directory, grouped by arm, with per-arm mean and spread over seeds."""
     settings = json.loads((root / "experiment.json").read_text())
     rounds = settings["rounds"]
+    stream_tasks = [agent.get("stream_tasks") for agent in settings.get("per_agent", [])] or None
     arms: dict[str, dict[str, Any]] = {}
     pending = []
     for d in sorted((root / "runs").glob("*-seed*")):
@@ -81,7 +88,7 @@ def collect(root: Path) -> dict[str, Any]:
             pending.append(d.name)
             continue
         arm = arms.setdefault(run["done"]["arm"], {"label": run["done"]["label"], "runs": {}})
-        arm["runs"][run["done"]["seed"]] = {**summarize_run(run, rounds), "wall_s": run["done"]["wall_s"],
+        arm["runs"][run["done"]["seed"]] = {**summarize_run(run, rounds, stream_tasks), "wall_s": run["done"]["wall_s"],
                                             "git_commit": run["done"].get("git_commit"),
                                             "git_dirty": run["done"].get("git_dirty")}
     budgets = _equal_compute(arms)
@@ -89,7 +96,8 @@ def collect(root: Path) -> dict[str, Any]:
         runs = list(arm["runs"].values())
         arm["summary"] = {key: _spread([r[key] for r in runs]) for key in
                           ("cumulative_reward_local", "cumulative_reward_train", "mean_reward_local")}
-        for key in ("heldout_first", "heldout_last", "ood_first", "ood_last"):
+        for key in ("heldout_first", "heldout_last", "ood_first", "ood_last", "heldout_own_first",
+                    "heldout_own_last", "heldout_other_first", "heldout_other_last"):
             vals = [r[key] for r in runs if r[key] is not None]
             arm["summary"][key] = _spread(vals) if vals else None
         arm["summary"]["heldout_gain"] = (_spread([r["heldout_last"] - r["heldout_first"] for r in runs])
@@ -111,7 +119,7 @@ def collect(root: Path) -> dict[str, Any]:
                          if arm["runs"][s].get(key) is not None and base[s].get(key) is not None]
                 arm["ci_vs_baseline"][key] = paired_bootstrap_ratio([p[0] for p in pairs], [p[1] for p in pairs])
     return {"settings": settings, "baseline": baseline, "arms": arms, "pending_runs": pending,
-            "equal_compute": budgets}
+            "equal_compute": budgets, "ablation": ablation(arms, baseline)}
 
 
 def _equal_compute(arms: dict[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -177,6 +185,7 @@ def _ratio_table(results: dict[str, Any], order: list[str]) -> list[str]:
     arms = results["arms"]
     if not any("ci_vs_baseline" in arms[n] for n in order):
         return []
+    keys = [k for k in RATIO_KEYS if any(arms[n].get("ci_vs_baseline", {}).get(k) for n in order)]
     budget = results["equal_compute"]
     lines = ["", "Held-out accuracy at the end (mean ± std over seeds) and at equal node compute: "
              f"{budget.get('tokens') or 0:.0f} tokens (generated + trained) and {budget.get('seconds') or 0:.0f} s "
@@ -198,10 +207,38 @@ def _ratio_table(results: dict[str, Any], order: list[str]) -> list[str]:
     lines += ["", f"Ratio to {results['baseline']} (paired by seed: ratio of seed means, percentile bootstrap 95% "
               "interval over seeds, 10,000 resamples; with fewer than 3 seeds it only spans the seeds' own ratios, "
               "not a real confidence interval):", "",
-              "| arm | " + " | ".join(RATIO_KEYS.values()) + " |", "|---|" + "---|" * len(RATIO_KEYS)]
+              "| arm | " + " | ".join(RATIO_KEYS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for name in order:
         ci = arms[name].get("ci_vs_baseline", {})
-        lines.append(f"| {arms[name]['label']} | " + " | ".join(_ci(ci.get(k)) for k in RATIO_KEYS) + " |")
+        lines.append(f"| {arms[name]['label']} | " + " | ".join(_ci(ci.get(k)) for k in keys) + " |")
+    return lines + _breakdown_tables(results, order)
+
+
+def _breakdown_tables(results: dict[str, Any], order: list[str]) -> list[str]:
+    """Held-out accuracy on the own task against the other tasks (one-task specialists only), and the ablation:
+    each ingredient against the arm without it (breakdown.py)."""
+    arms, lines = results["arms"], []
+    if any(arms[n]["summary"].get("heldout_own_last") for n in order):
+        lines += ["", "Held-out accuracy on each agent's own task (the only task of its own stream) and on the other "
+                  "three, mean over agents (mean ± std over seeds):", "",
+                  "| arm | seeds | own task before | own task end | other tasks before | other tasks end |",
+                  "|---|---|---|---|---|---|"]
+        for name in order:
+            s = arms[name]["summary"]
+            lines.append(f"| {arms[name]['label']} | {len(arms[name]['runs'])} | "
+                         + " | ".join(_fmt(s.get(f"heldout_{side}_{when}"), 3)
+                                      for side in ("own", "other") for when in ("first", "last")) + " |")
+    rows = results.get("ablation") or []
+    keys = [k for k in ABLATION_KEYS if any(row["ratios"].get(k) for row in rows)]
+    if any(row["parent"] != results["baseline"] for row in rows):  # otherwise it repeats the ratio table
+        lines += ["", "Ablation: each ingredient against the same arm without it, paired by seed (ratio of seed means, "
+                  "percentile bootstrap 95% interval; with fewer than 3 seeds it only spans the seeds' own ratios):",
+                  "", "| ingredient | arm | against | seeds | " + " | ".join(ABLATION_KEYS[k] for k in keys) + " |",
+                  "|---|---|---|---|" + "---|" * len(keys)]
+        for row in sorted(rows, key=lambda r: (order.index(r["arm"]) if r["arm"] in order else len(order))):
+            lines.append(f"| {row['ingredient']} | {arms[row['arm']]['label']} | {arms[row['parent']]['label']} | "
+                         f"{', '.join(map(str, row['seeds']))} | "
+                         + " | ".join(_ci(row["ratios"].get(k)) for k in keys) + " |")
     return lines
 
 
