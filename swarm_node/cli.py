@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="optimizer of every agent (default adamw; adafactor saves about 1 GB per SmolLM2 agent)")
     exp_report = exp_sub.add_parser("report", help="re-create results.md, results.json and plots from the logs")
     exp_report.add_argument("experiment_dir", help="an experiment directory, e.g. experiments/smol")
+    exp_report.add_argument("--into", default=None, metavar="DOC",
+                            help="also put the tables and plots into DOC (e.g. docs/results.md), between "
+                                 "'<!-- begin/end experiment report DIR -->' lines, appended if it has none")
 
     doctor = sub.add_parser("doctor", help="check why a node cannot join: daemon, ports, bootstrap peers, clock, "
                             "memory, disk, model, versions (exit 0 when all pass)")
@@ -189,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                 root = Path(args.experiment_dir)
                 if not (root / "experiment.json").exists():
                     raise OperatorError(f"{root} is not an experiment directory (no experiment.json)")
-                print(f"wrote {write_results(root)}")
+                doc = Path(args.into) if args.into else None
+                if doc is not None and not doc.is_file():
+                    raise OperatorError(f"--into {doc}: no such file; give an existing markdown document")
+                print(f"wrote {write_results(root, doc)}" + (f" and its tables into {doc}" if doc else ""))
                 return 0
             from swarm_node.experiment.run import run_experiment
 

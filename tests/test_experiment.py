@@ -18,7 +18,7 @@ from swarm_node.experiment.presets import Arm, sharing_arms
 from swarm_node.learning.tasks import SMOL_TASKS, TaskError, TaskSet, recreate
 from swarm_node.records import EvalRecord, RoundRecord
 from swarm_node.experiment.breakdown import ablation, own_task_split, parent_arm
-from swarm_node.experiment.results import collect, markdown
+from swarm_node.experiment.results import collect, embed, markdown
 from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
 
 from rounds import round_line
@@ -259,3 +259,20 @@ def test_own_task_split_separates_a_specialists_task_from_the_others():
     assert set(own_task_split(agents, None, rounds=10).values()) == {None}
     bare = [{"eval": [EvalRecord(round=0, heldout_accuracy=0.1)]}] * 2
     assert set(own_task_split(bare, [["a"], ["b"]], rounds=10).values()) == {None}
+
+
+def test_report_into_a_document_replaces_only_its_own_block(tmp_path):
+    root = tmp_path / "experiments" / "exp"
+    (root / "plots").mkdir(parents=True)
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nHand-written reading.\n")
+    embed(doc, root, "| table v1 |\n\n![p](plots/p.png)\n")
+    first = doc.read_text()
+    assert first.startswith("# Results\n\nHand-written reading.\n\n<!-- begin experiment report ../experiments/exp -->")
+    assert "![p](../experiments/exp/plots/p.png)" in first and "<!-- end experiment report ../experiments/exp -->" in first
+    doc.write_text(first + "\nMore reading after the block.\n")
+    embed(doc, root, "| table v2 |\n")
+    second = doc.read_text()
+    assert "table v2" in second and "table v1" not in second and second.count("<!-- begin experiment report") == 1
+    assert second.startswith("# Results\n\nHand-written reading.\n") and second.endswith("More reading after the block.\n")

@@ -1,5 +1,6 @@
 """The run-log contract (swarm_node/records.py): every committed metrics.jsonl still loads as RoundRecords, and
-`swarm-node experiment report` re-creates a committed results.md byte for byte from the typed records."""
+`swarm-node experiment report` re-creates a committed results.md, and its block in docs/results.md, byte for byte
+from the typed records."""
 
 from __future__ import annotations
 
@@ -55,12 +56,23 @@ def test_torn_and_corrupt_lines(tmp_path):
 
 
 @pytest.mark.slow  # plots with matplotlib: about 15 s on a loaded 2-core machine
-def test_experiment_report_reproduces_the_committed_heterogeneous_results(tmp_path):
-    source = ROOT / "experiments" / "heterogeneous"
-    exp = tmp_path / "heterogeneous"
+@pytest.mark.parametrize("name", ["heterogeneous", "homogeneous"])
+def test_experiment_report_reproduces_the_committed_results_and_docs(tmp_path, name):
+    """results.md, and the experiment's block in docs/results.md, are what `experiment report` makes of the
+    committed logs: byte for byte, so no table is copied or edited by hand."""
+    source = ROOT / "experiments" / name
+    if not (source / "experiment.json").exists():
+        pytest.skip(f"experiments/{name} has no committed logs yet")
+    exp = tmp_path / "experiments" / name
     shutil.copytree(source, exp, ignore=shutil.ignore_patterns("*.log", "*.png"))
     (exp / "results.md").unlink()
-    result = subprocess.run([sys.executable, "-m", "swarm_node.cli", "experiment", "report", str(exp)],
-                            capture_output=True, text=True, timeout=300)
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    shutil.copy(ROOT / "docs" / "results.md", doc)
+    result = subprocess.run([sys.executable, "-m", "swarm_node.cli", "experiment", "report", str(exp), "--into",
+                             str(doc)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (exp / "results.md").read_bytes() == (source / "results.md").read_bytes()
+    assert doc.read_text() == (ROOT / "docs" / "results.md").read_text(), (
+        f"docs/results.md's block of experiments/{name} is stale: run `swarm-node experiment report "
+        f"experiments/{name} --into docs/results.md`")

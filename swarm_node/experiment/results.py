@@ -18,6 +18,7 @@ is also compared at equal node compute (tokens, seconds): swarm_node/experiment/
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -242,11 +243,36 @@ def _breakdown_tables(results: dict[str, Any], order: list[str]) -> list[str]:
     return lines
 
 
-def write_results(root: Path) -> Path:
-    """Write results.json, results.md and plots/ for an experiment directory. Returns the markdown path.
+def embed(doc: Path, root: Path, text: str) -> None:
+    """Put an experiment's generated markdown `text` into the document `doc` (docs/results.md), between the
+    marker lines `<!-- begin experiment report ROOT -->` and `<!-- end experiment report ROOT -->`, ROOT being the
+    experiment directory relative to `doc`'s folder (appended at
+    the end, markers included, if `doc` has none), with its plot paths made relative to `doc`'s folder. The rest
+    of `doc` is left as it is, so the tables there are re-created from the logs by one command, never copied by
+    hand.
 
     Raises:
-        FileNotFoundError: `root` holds no experiment.json.
+        FileNotFoundError: `doc` does not exist.
+    """
+    name = Path(os.path.relpath(root.resolve(), doc.resolve().parent)).as_posix()  # ../experiments/x from docs/
+    begin, end = f"<!-- begin experiment report {name} -->", f"<!-- end experiment report {name} -->"
+    plots = f"{name}/plots"
+    block = f"{begin}\n{text.replace('](plots/', f']({plots}/').rstrip()}\n{end}"
+    current = doc.read_text()
+    if begin in current and end in current.split(begin, 1)[1]:
+        head, rest = current.split(begin, 1)
+        current = head + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(current)
+
+
+def write_results(root: Path, doc: Path | None = None) -> Path:
+    """Write results.json, results.md and plots/ for an experiment directory, and with `doc` the same tables and
+    plots into that document (embed). Returns the markdown path.
+
+    Raises:
+        FileNotFoundError: `root` holds no experiment.json, or `doc` does not exist.
     """
     results = collect(root)
     for arm in results["arms"].values():  # JSON keys must be strings
@@ -260,6 +286,8 @@ def write_results(root: Path) -> Path:
     from swarm_node.experiment.plots import plot
 
     figures = plot(root, results) if results["arms"] else []
-    md.write_text(f"# Experiment {root.name}\n\n" + markdown(results) + "".join(
-        f"\n![{p.stem}](plots/{p.name})\n" for p in figures))
+    text = markdown(results) + "".join(f"\n![{p.stem}](plots/{p.name})\n" for p in figures)
+    md.write_text(f"# Experiment {root.name}\n\n" + text)
+    if doc is not None:
+        embed(doc, root, text)
     return md
