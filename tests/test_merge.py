@@ -240,3 +240,14 @@ def test_compression_and_moments_are_part_of_the_group_key():
             for c in ("none", "fp16", "8bit") for o in ("keep", "average")}
     assert len(keys) == 6 and all("." not in k for k in keys)
     assert merge_layout("fp16", "keep", "params") == merge_layout("fp16", "reset", "params")  # same bytes on the wire
+
+
+def test_both_mergers_have_what_the_node_calls():
+    from swarm_node.network.merging import Merger
+    from swarm_node.network.merging.grad import GradMerger
+    from swarm_node.network.merging.weights import WeightMerger
+
+    for cls in (WeightMerger, GradMerger):
+        assert issubclass(cls, Merger), f"{cls.__name__} lacks a method of the Merger protocol"
+    assert not issubclass(object, Merger)
+    assert hasattr(WeightMerger, "state_dict") and not hasattr(GradMerger, "state_dict")  # node/state.py relies on it

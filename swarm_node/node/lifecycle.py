@@ -36,6 +36,7 @@ from swarm_node.learning.sapo import Group, select_local
 from swarm_node.learning.tasks import TaskSet, safe_repr, stream_seed
 from swarm_node.network.collector import Collector, CollectorSettings
 from swarm_node.network.groups import payload_of
+from swarm_node.network.merging import Merger
 from swarm_node.network.exchange import CountingSignatureValidator, RolloutExchange
 from swarm_node.network.identity import Identity, load_or_create_identity, lock_identity
 from swarm_node.node.generate import generate_local_groups
@@ -75,7 +76,7 @@ class Node:
         self.runlog = RunLog(self.out_dir)
         self.metrics_url: str | None = None
         self._lag_task: asyncio.Task | None = None
-        self.merger = None  # swarm_node.network.merging: WeightMerger, GradMerger or None
+        self.merger: Merger | None = None  # WeightMerger, GradMerger or None (merging off)
         self._verify_worker = None  # swarm_node.network.verify.VerifyWorker, launched in start()
         self.rounds_failed = 0  # rounds that raised unexpectedly and were retried (metrics `rounds_failed`)
         self._failed_in_a_row = 0

@@ -18,9 +18,29 @@ and before any training thread touches the model, which `create_merger` is for.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from swarm_node.network.merging.settings import MergeSettings
+
+
+@runtime_checkable
+class Merger(Protocol):
+    """What a node calls on its merger (`WeightMerger`, `GradMerger`), all from a worker thread but `shutdown`.
+
+    A merger with state of its own (WeightMerger: the anchor and DiLoCo's outer momentum) also has
+    `state_dict`/`load_state_dict`, which the node checkpoints (swarm_node/node/state.py).
+    """
+
+    def join(self, completed_rounds: int) -> bool:
+        """Before the first round: catch up with the merge group (download its state if it is ahead). Returns
+        whether state was loaded."""
+
+    def maybe_merge(self, round_: int) -> dict[str, Any]:
+        """After the round's training step: merge if this round is scheduled; returns the round's `merge_*`
+        metrics fields (stats.MergeStats.metrics)."""
+
+    def shutdown(self) -> None:
+        """Leave the group and stop the averagers' processes."""
 
 
 def param_copies(config) -> int:
@@ -35,7 +55,7 @@ def param_copies(config) -> int:
 
 
 def create_merger(merge, dht, policy, trainer, private_key, *, swarm_name: str, total_rounds: int = 0,
-                  dht_timeout_s: float = 10.0) -> Any:
+                  dht_timeout_s: float = 10.0) -> Merger | None:
     """The merger for `merge.merge_mode` (None when off). Call in the main thread, DHT running.
 
     Args:
