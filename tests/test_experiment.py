@@ -17,7 +17,7 @@ from swarm_node.experiment.run import ExperimentError, PRESETS, git_provenance, 
 from swarm_node.experiment.presets import Arm, sharing_arms
 from swarm_node.learning.tasks import SMOL_TASKS, TaskError, TaskSet, recreate
 from swarm_node.records import EvalRecord, RoundRecord
-from swarm_node.experiment.breakdown import ablation, own_task_split, parent_arm
+from swarm_node.experiment.breakdown import ablation, own_task_split, parent_arm, ratios_against
 from swarm_node.experiment.results import collect, embed, markdown
 from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
 
@@ -240,6 +240,11 @@ def test_ablation_pairs_each_ingredient_with_the_arm_without_it():
     assert rows["local2-ext2-tis-success"]["ingredient"] == "TIS + success gating"
     assert rows["local2-ext2-tis-success"]["ratios"]["heldout_last"]["ratio"] == pytest.approx(1.7 / 0.7)
     assert rows["local2-ext2-tis-success"]["ratios"]["cumulative_reward_local"] is None  # not in these runs
+    against = ratios_against(arms, "local2-ext2", ["heldout_last", "round_s"])
+    assert against["local2-ext2-tis-success"]["heldout_last"]["ratio"] == pytest.approx(1.7 / 0.7)
+    assert against["local2-ext2-tis-success"]["heldout_last"]["n"] == 2
+    assert against[base]["round_s"]["ratio"] == pytest.approx(1.0)
+    assert ratios_against(arms, "control", ["heldout_last"]) == {}  # the control did not run
 
 
 def test_own_task_split_separates_a_specialists_task_from_the_others():

@@ -73,6 +73,23 @@ def parent_arm(name: str, baseline: str) -> tuple[str, str] | None:
     return "-".join(parts[:-1]), SUFFIX_LABELS.get(parts[-1], parts[-1])
 
 
+def ratios_against(arms: dict[str, dict[str, Any]], reference: str, keys) -> dict[str, dict[str, Any]]:
+    """Per arm, per key: paired_bootstrap_ratio of the arm's runs to `reference`'s runs over the seeds both
+    ran (None where a key is missing). {} if `reference` did not run."""
+    if reference not in arms:
+        return {}
+    return {name: {key: _paired_ratio(arm["runs"], arms[reference]["runs"], key) for key in keys}
+            for name, arm in arms.items()}
+
+
+def _paired_ratio(runs: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]], key: str
+                  ) -> dict[str, float] | None:
+    """paired_bootstrap_ratio of `key` over the seeds both run dicts have a value for; None if none."""
+    seeds = sorted(s for s in set(runs) & set(reference)
+                   if runs[s].get(key) is not None and reference[s].get(key) is not None)
+    return paired_bootstrap_ratio([runs[s][key] for s in seeds], [reference[s][key] for s in seeds]) if seeds else None
+
+
 def ablation(arms: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
     """One row per arm but the baseline: {"arm", "parent", "ingredient", "seeds", "ratios": {key:
     paired_bootstrap_ratio over the seeds both ran}} for every key of ABLATION_KEYS both have. The parent is the
@@ -91,10 +108,6 @@ def ablation(arms: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, A
         seeds = sorted(set(mine) & set(theirs))
         if not seeds:
             continue
-        ratios = {}
-        for key in ABLATION_KEYS:
-            pairs = [(mine[s][key], theirs[s][key]) for s in seeds
-                     if mine[s].get(key) is not None and theirs[s].get(key) is not None]
-            ratios[key] = paired_bootstrap_ratio([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
+        ratios = {key: _paired_ratio(mine, theirs, key) for key in ABLATION_KEYS}
         rows.append({"arm": name, "parent": parent[0], "ingredient": parent[1], "seeds": seeds, "ratios": ratios})
     return rows

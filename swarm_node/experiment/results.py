@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from swarm_node.records import load_run
-from swarm_node.experiment.breakdown import ABLATION_KEYS, ablation, own_task_split
-from swarm_node.experiment.stats import accuracy_at, compute_curve, paired_bootstrap_ratio
+from swarm_node.experiment.breakdown import ABLATION_KEYS, ablation, own_task_split, ratios_against
+from swarm_node.experiment.stats import accuracy_at, compute_curve
 
 RATIO_KEYS = {  # per-run value -> its column title in the ratio table
     "cumulative_reward_local": "cumulative reward, own completions",
@@ -38,6 +38,8 @@ RATIO_KEYS = {  # per-run value -> its column title in the ratio table
     "heldout_other_last": "held-out acc., other tasks, end",
     "round_s": "round s",
 }
+CONTROL_KEYS = ("heldout_last", "heldout_at_equal_tokens", "heldout_at_equal_seconds", "ood_last",
+                "ood_at_equal_tokens")  # also compared with the control arm (issue 11's target)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -114,11 +116,10 @@ def collect(root: Path) -> dict[str, Any]:
             ratios = [arm["runs"][s]["cumulative_reward_train"] / base[s]["cumulative_reward_train"] for s in seeds
                       if base[s]["cumulative_reward_train"] > 0]
             arm["summary"]["ratio_vs_baseline_train"] = _spread(ratios) if ratios else None
-            arm["ci_vs_baseline"] = {}
-            for key in RATIO_KEYS:
-                pairs = [(arm["runs"][s][key], base[s][key]) for s in seeds
-                         if arm["runs"][s].get(key) is not None and base[s].get(key) is not None]
-                arm["ci_vs_baseline"][key] = paired_bootstrap_ratio([p[0] for p in pairs], [p[1] for p in pairs])
+        for name, ratios in ratios_against(arms, baseline, RATIO_KEYS).items():
+            arms[name]["ci_vs_baseline"] = ratios
+    for name, ratios in ratios_against(arms, "control", CONTROL_KEYS).items():
+        arms[name]["ci_vs_control"] = ratios
     return {"settings": settings, "baseline": baseline, "arms": arms, "pending_runs": pending,
             "equal_compute": budgets, "ablation": ablation(arms, baseline)}
 
@@ -229,6 +230,15 @@ def _breakdown_tables(results: dict[str, Any], order: list[str]) -> list[str]:
             lines.append(f"| {arms[name]['label']} | {len(arms[name]['runs'])} | "
                          + " | ".join(_fmt(s.get(f"heldout_{side}_{when}"), 3)
                                       for side in ("own", "other") for when in ("first", "last")) + " |")
+    if "control" in arms and any(arms[n].get("ci_vs_control") for n in order if n != "control"):
+        keys = [k for k in CONTROL_KEYS if any(arms[n]["ci_vs_control"].get(k) for n in order if n != "control")]
+        lines += ["", "Ratio to the control (4/0 with local filtering), paired by seed, percentile bootstrap 95% "
+                  "interval:", "", "| arm | " + " | ".join(RATIO_KEYS[k] for k in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for name in order:
+            if name != "control":
+                ci = arms[name]["ci_vs_control"]
+                lines.append(f"| {arms[name]['label']} | " + " | ".join(_ci(ci.get(k)) for k in keys) + " |")
     rows = results.get("ablation") or []
     keys = [k for k in ABLATION_KEYS if any(row["ratios"].get(k) for row in rows)]
     if any(row["parent"] != results["baseline"] for row in rows):  # otherwise it repeats the ratio table
