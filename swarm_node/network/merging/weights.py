@@ -220,8 +220,11 @@ class WeightMerger(StateSharing):
         return checksum.digest(self.params)
 
     def shutdown(self) -> None:
+        """Stop the averager's process. hivemind terminates one that outlives its grace period without waiting
+        for it; the join makes sure it is gone (and answers no more matchmaking) when this returns."""
         if self.averager.is_alive():
             self.averager.shutdown()
+            self.averager.join(timeout=5)
 
     # ------------------------------------------------------------------ one round
     def _encoded_gather(self) -> bytes:
