@@ -209,11 +209,17 @@ def _ratio_table(results: dict[str, Any], order: list[str]) -> list[str]:
     lines += ["", f"Ratio to {results['baseline']} (paired by seed: ratio of seed means, percentile bootstrap 95% "
               "interval over seeds, 10,000 resamples; with fewer than 3 seeds it only spans the seeds' own ratios, "
               "not a real confidence interval):", "",
-              "| arm | " + " | ".join(RATIO_KEYS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
-    for name in order:
-        ci = arms[name].get("ci_vs_baseline", {})
-        lines.append(f"| {arms[name]['label']} | " + " | ".join(_ci(ci.get(k)) for k in keys) + " |")
+              *_ci_table(arms, order, "ci_vs_baseline", keys)]
     return lines + _breakdown_tables(results, order)
+
+
+def _ci_table(arms: dict[str, Any], names: list[str], field: str, keys: list[str]) -> list[str]:
+    """A markdown table: one row per arm, its `field` ratios (with intervals) for `keys` of RATIO_KEYS."""
+    lines = ["| arm | " + " | ".join(RATIO_KEYS[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for name in names:
+        ci = arms[name].get(field, {})
+        lines.append(f"| {arms[name]['label']} | " + " | ".join(_ci(ci.get(k)) for k in keys) + " |")
+    return lines
 
 
 def _breakdown_tables(results: dict[str, Any], order: list[str]) -> list[str]:
@@ -233,12 +239,7 @@ def _breakdown_tables(results: dict[str, Any], order: list[str]) -> list[str]:
     if "control" in arms and any(arms[n].get("ci_vs_control") for n in order if n != "control"):
         keys = [k for k in CONTROL_KEYS if any(arms[n]["ci_vs_control"].get(k) for n in order if n != "control")]
         lines += ["", "Ratio to the control (4/0 with local filtering), paired by seed, percentile bootstrap 95% "
-                  "interval:", "", "| arm | " + " | ".join(RATIO_KEYS[k] for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
-        for name in order:
-            if name != "control":
-                ci = arms[name]["ci_vs_control"]
-                lines.append(f"| {arms[name]['label']} | " + " | ".join(_ci(ci.get(k)) for k in keys) + " |")
+                  "interval:", "", *_ci_table(arms, [n for n in order if n != "control"], "ci_vs_control", keys)]
     rows = results.get("ablation") or []
     keys = [k for k in ABLATION_KEYS if any(row["ratios"].get(k) for row in rows)]
     if any(row["parent"] != results["baseline"] for row in rows):  # otherwise it repeats the ratio table
