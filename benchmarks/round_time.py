@@ -25,7 +25,7 @@ from pathlib import Path
 from swarm_node.tools.launcher import LocalSwarm
 
 KEYS = ("round_s", "cpu_s", "generate_s", "train_s", "collect_s", "tokens_generated", "train_tokens",
-        "external_groups_used")
+        "train_sequences", "local_groups_with_signal", "external_groups_used")
 KINDS = {"4/0": dict(num_local_groups=4, num_external_groups=0),
          "2/2": dict(num_local_groups=2, num_external_groups=2, off_policy_correction="tis",
                      external_selection="success_gated")}
