@@ -245,6 +245,15 @@ def test_ablation_pairs_each_ingredient_with_the_arm_without_it():
     assert against["local2-ext2-tis-success"]["heldout_last"]["n"] == 2
     assert against[base]["round_s"]["ratio"] == pytest.approx(1.0)
     assert ratios_against(arms, "control", ["heldout_last"]) == {}  # the control did not run
+    # 2/2-tis ran on seed 0 only: success gating alone on that seed, then both ingredients on seeds 0 and 1
+    arms["local2-ext2-tis"] = arm(s0=0.5)
+    mine = [row for row in ablation(arms, base) if row["arm"] == "local2-ext2-tis-success"]
+    assert [(r["parent"], r["ingredient"], r["seeds"]) for r in mine] == [
+        ("local2-ext2-tis", "success gating", [0]), ("local2-ext2", "TIS + success gating", [0, 1])]
+    assert mine[0]["ratios"]["heldout_last"]["ratio"] == pytest.approx(0.8 / 0.5)
+    assert mine[1]["ratios"]["heldout_last"]["ratio"] == pytest.approx(1.7 / 0.7)
+    arms["local2-ext2-tis"] = arm(s0=0.5, s1=0.6, s2=0.7)  # covers every seed: no joined row
+    assert [r["parent"] for r in ablation(arms, base) if r["arm"] == "local2-ext2-tis-success"] == ["local2-ext2-tis"]
 
 
 def test_own_task_split_separates_a_specialists_task_from_the_others():

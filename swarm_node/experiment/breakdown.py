@@ -91,23 +91,28 @@ def _paired_ratio(runs: dict[int, dict[str, Any]], reference: dict[int, dict[str
 
 
 def ablation(arms: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    """One row per arm but the baseline: {"arm", "parent", "ingredient", "seeds", "ratios": {key:
-    paired_bootstrap_ratio over the seeds both ran}} for every key of ABLATION_KEYS both have. The parent is the
-    arm without the last ingredient (parent_arm); where that arm did not run, its own parent, and so on, with the
-    ingredients joined ("TIS + success gating")."""
+    """Rows {"arm", "parent", "ingredient", "seeds", "ratios": {key: paired_bootstrap_ratio over the seeds both
+    ran}} for every key of ABLATION_KEYS, one or more per arm but the baseline, the arm's rows in order.
+
+    The first row is against the parent: the arm without the last ingredient (parent_arm); where that arm did not
+    run, its own parent, and so on, with the ingredients joined ("TIS + success gating"). Where that parent ran
+    on fewer of the arm's seeds, a further row goes up the chain to the nearest ancestor that covers more of
+    them, with the ingredients joined, though never up to the baseline (the ratio table has that): so a one-seed
+    intermediate arm splits the ingredients on that seed without hiding the joined comparison over every seed.
+    """
     rows = []
     for name in sorted(arms):
-        parent, ingredients = parent_arm(name, baseline), []
-        while parent is not None and parent[0] not in arms:  # skip arms that did not run: ingredients add up
+        mine = arms[name]["runs"]
+        parent, ingredients, covered = parent_arm(name, baseline), [], 0
+        while parent is not None and covered < len(mine) and not (covered and parent[0] == baseline):
             ingredients.insert(0, parent[1])
+            if parent[0] in arms:
+                theirs = arms[parent[0]]["runs"]
+                seeds = sorted(set(mine) & set(theirs))
+                if len(seeds) > covered:
+                    rows.append({"arm": name, "parent": parent[0], "ingredient": " + ".join(ingredients),
+                                 "seeds": seeds,
+                                 "ratios": {key: _paired_ratio(mine, theirs, key) for key in ABLATION_KEYS}})
+                    covered = len(seeds)
             parent = parent_arm(parent[0], baseline)
-        if parent is None:
-            continue
-        parent = (parent[0], " + ".join([parent[1], *ingredients]))
-        mine, theirs = arms[name]["runs"], arms[parent[0]]["runs"]
-        seeds = sorted(set(mine) & set(theirs))
-        if not seeds:
-            continue
-        ratios = {key: _paired_ratio(mine, theirs, key) for key in ABLATION_KEYS}
-        rows.append({"arm": name, "parent": parent[0], "ingredient": parent[1], "seeds": seeds, "ratios": ratios})
     return rows
