@@ -104,7 +104,9 @@ def ablation(arms: dict[str, dict[str, Any]], baseline: str) -> list[dict[str, A
     for name in sorted(arms):
         mine = arms[name]["runs"]
         parent, ingredients, covered = parent_arm(name, baseline), [], 0
-        while parent is not None and covered < len(mine) and not (covered and parent[0] == baseline):
+        while parent is not None:
+            if covered and (covered == len(mine) or parent[0] == baseline):
+                break  # every seed is covered, or only the baseline is left (the ratio table has that)
             ingredients.insert(0, parent[1])
             if parent[0] in arms:
                 theirs = arms[parent[0]]["runs"]
