@@ -54,7 +54,8 @@ def test_churn_kill9_bootstrap_death_restart_and_late_joiner(tmp_path):
         os.kill(n2.popen.pid, signal.SIGKILL)
         n2.popen.wait()
         killed_at = time.monotonic()
-        assert session_processes(n2.popen.pid), "expected the DHT process / p2pd to outlive kill -9"
+        # Its DHT process and p2pd usually outlive kill -9 (orphans, reaped at the end of this test); in one
+        # clean-clone CI run they were already gone, so their survival is not asserted: the point is the others.
         counts = {name: len(nodes[name].rows()) for name in ("n0", "n1", "n3")}
         for name in ("n0", "n1", "n3"):
             nodes[name].wait_rounds(counts[name] + 2)
